@@ -1,0 +1,96 @@
+"""Exceptions raised by the on-device runtime.
+
+Every error the runtime raises on purpose derives from :class:`EdgeError`::
+
+    EdgeError
+    ├── ConfigError            bad TOML/JSON value or unknown key (file and key path named); exit 2
+    │   └── ProfileError       a device profile that does not validate
+    ├── BundleError            a bundle that cannot be trusted or read
+    │   ├── ManifestError      manifest.json missing, malformed or incomplete
+    │   ├── IntegrityError     a file's sha256/size differs from the manifest, or a file is missing
+    │   ├── SignatureError     signature missing, malformed, or not made by a trusted key
+    │   └── UnsafeArchiveError absolute path, `..`, link or device file inside the tar
+    └── EngineError            the inference engine could not load or run the model
+        └── InputError         an input that does not fit the model (shape, dtype, unreadable file)
+
+Messages say what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "EdgeError",
+    "EngineError",
+    "InputError",
+    "IntegrityError",
+    "ManifestError",
+    "ProfileError",
+    "SignatureError",
+    "UnsafeArchiveError",
+]
+
+
+class EdgeError(Exception):
+    """Root of every error the runtime raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeError):
+    """A configuration value or file that does not validate."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.key = key
+        prefix = ""
+        if self.path:
+            prefix += f"{self.path}: "
+        if key:
+            prefix += f"{key}: "
+        super().__init__(prefix + message)
+
+
+class ProfileError(ConfigError):
+    """A device profile that does not validate."""
+
+
+class BundleError(EdgeError):
+    """A bundle that cannot be trusted or read."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class ManifestError(BundleError):
+    """manifest.json missing, malformed or incomplete."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file's hash or size differs from the manifest, or a listed file is missing."""
+
+
+class SignatureError(BundleError):
+    """Signature missing, malformed, or not made by a trusted key."""
+
+
+class UnsafeArchiveError(BundleError):
+    """An archive member that could escape the extraction directory."""
+
+
+class EngineError(EdgeError):
+    """The inference engine could not load or run a model."""
+
+
+class InputError(EngineError):
+    """An input that does not fit the model."""
+
+    exit_code = 2
