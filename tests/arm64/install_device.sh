@@ -1,0 +1,17 @@
+#!/bin/sh
+# Install the edgefleet device runtime into a virtual environment.
+# The one install path for devices: Dockerfile.arm64 runs it, and the arm64 (qemu) tests run it
+# inside their emulated root. Usage: install_device.sh WHEEL_OR_SOURCE [VENV]
+set -eu
+src="${1:?usage: install_device.sh WHEEL_OR_SOURCE [VENV]}"
+venv="${2:-/opt/edge-runtime}"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --no-cache-dir --upgrade pip >/dev/null
+# the device extra only: no torch, no onnx
+"$venv/bin/pip" install --no-cache-dir "${src}[device]"
+"$venv/bin/python" - <<'PY'
+import sys, runtime, runtime.backends.ort  # noqa: F401
+bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "toolchain")]
+assert not bad, f"device install imports host frameworks: {bad}"
+print("edgefleet device runtime", runtime.__version__, "installed")
+PY

@@ -1,0 +1,5 @@
+"""`python -m toolchain`."""
+
+from toolchain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""`toolchain build`: load → prune → export → quantize → validate → benchmark → gate → sign and pack."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime import __version__
+from runtime.engine import EngineOptions
+from runtime.manifest import Manifest, Postprocess, Preprocess, ProfileRef, TensorSpec
+from runtime.profile import DeviceProfile, QuantizationSpec
+from toolchain.errors import GateError
+from toolchain.progress import NullProgress, Progress
+
+__all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything `toolchain build` needs; flags override the profile's recipes."""
+
+    model: str
+    profile: DeviceProfile
+    output_dir: Path
+    key: Path
+    weights: Path | None = None
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
+    calibration: str | None = None
+    validation: str | None = None
+    name: str | None = None
+    version: str = "1.0.0"
+    parent_version: str | None = None
+    quantize: str | None = None  # static | dynamic | fp16 | none
+    activation_type: str | None = None  # int8 (S8S8) | uint8 (U8S8)
+    calibration_method: str | None = None
+    per_channel: bool | None = None
+    prune: str | None = None  # none | magnitude | structured
+    prune_amount: float | None = None
+    opset: int | None = None
+    preprocess: Preprocess | None = None
+    labels: tuple[str, ...] = ()
+    bench_iterations: int = 50
+    enforce_gate: bool = True
+    keep_work: bool = False
+    validation_limit: int = 1000
+
+
+@dataclass
+class BuildResult:
+    """The report (JSON-ready) and where the bundle and report were written."""
+
+    report: dict[str, Any]
+    bundle: Path | None
+    report_path: Path
+    passed: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_preprocess(first: TensorSpec) -> Preprocess:
+    """Image preprocessing when the first input looks like an image (N,C,H,W / N,H,W,C with C in 1, 3), else raw tensors."""
+    shape = first.shape
+    if len(shape) == 4 and first.dtype.startswith("float"):
+        if shape[1] in (1, 3):
+            return Preprocess(kind="image", color="gray" if shape[1] == 1 else "rgb", layout="NCHW")
+        if shape[3] in (1, 3):
+            return Preprocess(kind="image", color="gray" if shape[3] == 1 else "rgb", layout="NHWC")
+    return Preprocess(kind="tensor")
+
+
+def _quant_spec(req: BuildRequest) -> QuantizationSpec:
+    spec = req.profile.quantization
+    changes: dict[str, Any] = {}
+    if req.quantize is not None:
+        changes["mode"] = req.quantize
+    if req.activation_type is not None:
+        changes["activation_type"] = req.activation_type
+    if req.calibration_method is not None:
+        changes["calibration_method"] = req.calibration_method
+    if req.per_channel is not None:
+        changes["per_channel"] = req.per_channel
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def _created() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _random_samples(inputs: Sequence[TensorSpec], n: int) -> list[dict[str, np.ndarray]]:
+    from runtime.bench import random_feeds
+
+    return [random_feeds(tuple(inputs), seed=i) for i in range(n)]
+
+
+class _Build:
+    """One build, step by step; state lives on the instance."""
+
+    def __init__(self, req: BuildRequest, progress: Progress, work: Path):
+        self.req, self.progress, self.work = req, progress, work
+        self.report: dict[str, Any] = {"toolchain_version": __version__, "profile": req.profile.name}
+        self.warnings: list[str] = []
+        self.options = EngineOptions.from_profile(req.profile, host_cores=os.cpu_count() or 1, deterministic=True)
+
+    def load_and_export(self) -> tuple[Any, Any]:
+        from toolchain import load
+        from toolchain.passes import export
+
+        req = self.req
+        self.progress.step(f"loading {req.model}")
+        model = load.load_model(req.model, weights=req.weights, input_shapes=req.input_shapes)
+        self.report["model"] = {"source": req.model, "kind": model.kind}
+        self._prune(model)
+        exp_spec = req.profile.export
+        opset = req.opset or exp_spec.opset
+        self.progress.step(f"exporting to ONNX (opset {opset})")
+        fp32 = self.work / "reference.onnx"
+        result = export.run(model, fp32, opset=opset, static_shapes=exp_spec.static_shapes,
+                            simplify=exp_spec.simplify, input_shapes=model.input_shapes)
+        self.report["export"] = {"opset": result.opset, "simplified": result.simplified, "notes": list(result.notes)}
+        return model, result
+
+    def _prune(self, model: Any) -> None:
+        req = self.req
+        method = req.prune or req.profile.pruning.method
+        amount = req.prune_amount if req.prune_amount is not None else req.profile.pruning.amount
+        if method == "none" or amount == 0:
+            self.report["prune"] = None
+            return
+        if model.kind != "torch":
+            self.report["prune"] = None
+            self.warnings.append(f"pruning skipped: only PyTorch modules are pruned (input is {model.kind})")
+            return
+        from toolchain.passes import prune
+
+        self.progress.step(f"pruning ({method}, {amount:.0%})")
+        pr = prune.run(model.module, method=method, amount=amount)
+        self.report["prune"] = {"method": pr.method, "amount": pr.amount, "global_sparsity": pr.global_sparsity,
+                                "layers": [dataclasses.asdict(layer) for layer in pr.layers]}
+
+    def datasets(self, inputs: tuple[TensorSpec, ...], spec: QuantizationSpec, preprocess: Preprocess) -> tuple[Any, Any]:
+        from toolchain.calibration import load_dataset
+
+        req = self.req
+        calib = None
+        if req.calibration:
+            calib = load_dataset(req.calibration, inputs, preprocess, limit=spec.calibration_samples, role="calibration")
+        val = None
+        if req.validation:
+            val = load_dataset(req.validation, inputs, preprocess, limit=req.validation_limit, role="validation")
+        elif calib is not None:
+            val = calib
+            self.warnings.append("validated on the calibration set: pass --validation DIR for an honest number")
+        return calib, val
+
+    def quantize(self, model_kind: str, fp32: Path, spec: QuantizationSpec, calib: Any) -> tuple[Path, str]:
+        from toolchain.passes import quantize
+
+        if model_kind == "onnx-ml" and spec.mode != "none":
+            self.warnings.append("classical ONNX-ML model: bundled without quantization")
+            spec = dataclasses.replace(spec, mode="none")
+        out = self.work / "model.onnx"
+        total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
+        label = {"static": "calibrating + quantizing", "dynamic": "quantizing (dynamic)", "fp16": "converting to FP16",
+                 "none": "keeping FP32"}[spec.mode]
+        self.progress.step(label)
+        with self.progress.bar("calibration samples", total) if spec.mode == "static" and total else _nullbar() as tick:
+            res = quantize.run(fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i))
+        self.report["quantize"] = {
+            "precision": res.precision, "method": res.method, "per_channel": res.per_channel,
+            "calibration_method": res.calibration_method, "calibration_samples": res.calibration_samples,
+            "excluded_nodes": list(res.excluded_nodes), "notes": list(res.notes),
+        }
+        return out, res.precision
+
+    def validate(self, fp32: Path, cand: Path, val: Any, inputs: tuple[TensorSpec, ...]) -> tuple[Any, list[np.ndarray]]:
+        from toolchain import validate
+
+        if val is not None:
+            feeds = [s.feeds for s in val.samples]
+            labels = [s.label for s in val.samples]
+            sources = [s.source for s in val.samples]
+            self.report["validation_set"] = {"source": val.root, "samples": len(feeds), "labeled": val.labeled}
+        else:
+            feeds = _random_samples(inputs, 32)
+            labels, sources = [None] * len(feeds), [f"random[{i}]" for i in range(len(feeds))]
+            self.report["validation_set"] = {"source": "random inputs", "samples": len(feeds), "labeled": False}
+            self.warnings.append("no --validation or --calibration set: compared on random inputs (agreement only)")
+        with self.progress.bar("validating reference", len(feeds)) as tick:
+            count = iter(range(1, len(feeds) + 1))
+            ref = validate.run_outputs(fp32, feeds, self.options, progress=lambda: tick(next(count)))
+        with self.progress.bar("validating candidate", len(feeds)) as tick:
+            count = iter(range(1, len(feeds) + 1))
+            out = validate.run_outputs(cand, feeds, self.options, progress=lambda: tick(next(count)))
+        task = validate.infer_task(ref[0].shape) if ref else "generic"
+        cmp = validate.compare(ref, out, task=task, labels=labels, sources=sources)
+        self.report["validation"] = dataclasses.asdict(cmp)
+        return cmp, ref
+
+    def bench(self, fp32: Path, cand: Path) -> tuple[Any, Any]:
+        from toolchain.bench import bench_model, host_options
+
+        n = self.req.bench_iterations
+        if n <= 0:
+            return None, None
+        opts = host_options(dataclasses.replace(self.options, deterministic=False))
+        results = []
+        for label, path in (("reference", fp32), ("candidate", cand)):
+            with self.progress.bar(f"benchmarking {label} (host)", n) as tick:
+                results.append(bench_model(path, opts, iterations=n, progress=lambda i, _n: tick(i)))
+        self.report["benchmark"] = {
+            "note": f"host figures ({platform.machine()}, {os.cpu_count()} cores), not device figures",
+            "threads": opts.intra_op_threads,
+            "reference": dataclasses.asdict(results[0]),
+            "candidate": dataclasses.asdict(results[1]),
+            "latency_ratio": results[1].p50_ms / results[0].p50_ms if results[0].p50_ms else None,
+        }
+        return results[0], results[1]
+
+
+@dataclasses.dataclass
+class _Bar:
+    def __enter__(self) -> Any:
+        return lambda done: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _nullbar() -> _Bar:
+    return _Bar()
+
+
+def _postprocess(task: str, ref_out: list[np.ndarray], labels: tuple[str, ...]) -> Postprocess:
+    if task == "classification":
+        first = ref_out[0].reshape(-1) if ref_out else np.zeros(1)
+        is_prob = bool(np.all(first >= 0) and abs(float(first.sum()) - 1.0) < 1e-3)
+        return Postprocess(kind="classification", softmax=not is_prob, top_k=min(5, first.size), labels=labels)
+    if task == "dense":
+        return Postprocess(kind="dense")
+    return Postprocess(kind="none")
+
+
+def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    """Run the whole build; raises :class:`GateError` when the gate fails and is enforced."""
+    from toolchain import bundle as bundle_mod
+    from toolchain import validate
+
+    progress = progress or NullProgress()
+    req.output_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-build-"))
+    try:
+        b = _Build(req, progress, work)
+        model, exported = b.load_and_export()
+        name = req.name or model.name
+        spec = _quant_spec(req)
+        inputs, outputs = exported.inputs, exported.outputs
+        preprocess = req.preprocess or default_preprocess(inputs[0])
+        calib, val = b.datasets(inputs, spec, preprocess)
+        cand, precision = b.quantize(model.kind, exported.path, spec, calib)
+        cmp, ref_out = b.validate(exported.path, cand, val, inputs)
+        ref_bench, cand_bench = b.bench(exported.path, cand)
+        ref_size, cand_size = exported.path.stat().st_size, cand.stat().st_size
+        b.report["size"] = {"reference_bytes": ref_size, "candidate_bytes": cand_size, "ratio": cand_size / ref_size}
+        if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
+            if cand_bench.p50_ms > ref_bench.p50_ms and cand_size > 0.9 * ref_size:
+                b.warnings.append("the INT8 model is slower than FP32 on this host and no smaller")
+            elif cand_bench.p50_ms > ref_bench.p50_ms:
+                b.warnings.append(f"INT8 runs slower than FP32 on this host ({cand_bench.p50_ms:.2f} vs {ref_bench.p50_ms:.2f} ms p50)")
+        gate = validate.judge(req.profile, cmp, size_mb=cand_size / 2**20,
+                              latency_p95_ms=cand_bench.p95_ms if cand_bench else None)
+        b.report["gate"] = gate.to_dict()
+        labels = req.labels or (val.label_names if val is not None else ())
+        postprocess = _postprocess(cmp.task, ref_out, tuple(labels))
+        b.report.update(name=name, version=req.version, precision=precision, task=cmp.task, warnings=b.warnings)
+        stem = f"{name}-{req.profile.name}-{req.version}"
+        report_path = req.output_dir / f"{stem}.report.json"
+        if not gate.passed and req.enforce_gate:
+            b.report["bundle"] = None
+            report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
+            failed = ", ".join(f"{c.name} {c.value} (limit {c.limit})" for c in gate.failures())
+            raise GateError(f"validation gate failed for profile {req.profile.name}: {failed}; "
+                            f"report: {report_path} (--allow-gate-failure packs it anyway)", report=b.report)
+        if not gate.passed:
+            b.warnings.append("GATE FAILED and was overridden with --allow-gate-failure")
+        progress.step("signing and packing the bundle")
+        manifest = Manifest(
+            name=name, version=req.version, parent_version=req.parent_version, created=_created(),
+            profile=ProfileRef(name=req.profile.name, digest=req.profile.digest, arch=req.profile.arch),
+            backend="onnxruntime", model="model.onnx",
+            files=(bundle_mod.file_entry(cand, "model.onnx", role="model"),),
+            inputs=inputs, outputs=outputs, precision=precision, task=_manifest_task(cmp.task),
+            preprocess=preprocess, postprocess=postprocess,
+            validation={"gate": gate.to_dict(), "metrics": b.report["validation"], "size": b.report["size"],
+                        "validation_set": b.report["validation_set"]},
+            toolchain_version=__version__,
+        )
+        key = _load_key(req.key)
+        out = bundle_mod.pack({"model.onnx": cand}, manifest, key, req.output_dir / f"{stem}.tar")
+        b.report["bundle"] = str(out)
+        b.report["model_sha256"] = manifest.files[0].sha256
+        report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
+        return BuildResult(b.report, out, report_path, gate.passed, b.warnings)
+    finally:
+        if req.keep_work:
+            progress.step(f"work files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _manifest_task(task: str) -> Any:
+    return task if task in ("classification", "dense", "embedding", "detection", "generic") else "generic"
+
+
+def _load_key(path: Path) -> Any:
+    from runtime.errors import EdgeError
+    from runtime.signing import load_private_key
+    from toolchain.errors import KeyFileError
+
+    try:
+        return load_private_key(path)
+    except EdgeError as exc:
+        raise KeyFileError(f"{exc} (create one with `toolchain keygen -o DIR`)", path=None) from exc
