@@ -71,7 +71,7 @@ class FileEntry:
             return "path: must be a relative path without '..'"
         if self.path in ("manifest.json", "manifest.sig"):
             return "path: manifest files are not listed"
-        if not _SHA256.match(self.sha256):
+        if not _SHA256.fullmatch(self.sha256):
             return "sha256: expected 64 lower-case hex digits"
         if self.size < 0:
             return "size: expected >= 0"
@@ -151,11 +151,11 @@ class Manifest:
     def _validate(self) -> str | None:
         if self.format_version != FORMAT_VERSION:
             return f"format_version: this runtime reads format {FORMAT_VERSION}; upgrade edgefleet"
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             return "name: use letters, digits, '.', '_' or '-' (max 128)"
-        if not _SEMVER.match(self.version):
+        if not _SEMVER.fullmatch(self.version):
             return "version: expected semantic version like 1.2.0"
-        if self.parent_version is not None and not _SEMVER.match(self.parent_version):
+        if self.parent_version is not None and not _SEMVER.fullmatch(self.parent_version):
             return "parent_version: expected semantic version like 1.1.0"
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):

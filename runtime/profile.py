@@ -1,4 +1,4 @@
-"""Device profiles: what a device class is, so the toolchain can target it and the runtime tune itself.
+"""Device profiles: what a device class is, for the toolchain to target and the runtime to tune to.
 
 A profile is a TOML file (``device_profiles/<name>.toml`` ships with the package; any other file
 can be given by path). It is validated on load: an unknown key or a bad value is a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,7 @@ from runtime.errors import ProfileError
 from runtime.schema import from_dict, load_toml, loads_toml, to_dict
 
 __all__ = [
+    "KNOWN_PROVIDERS",
     "Budgets",
     "CpuCluster",
     "CpuSpec",
@@ -33,7 +35,8 @@ __all__ = [
     "parse_profile",
 ]
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Used with fullmatch: "^...$" with match() would let a trailing newline through.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider",
     "XnnpackExecutionProvider",
@@ -219,7 +222,7 @@ class DeviceProfile:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     def _validate(self) -> str | None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             return "name: use 1-64 lower-case letters, digits, '.', '_' or '-'"
         if not 16 <= self.memory_mb <= 1_048_576:
             return "memory_mb: expected 16..1048576"
@@ -227,16 +230,18 @@ class DeviceProfile:
             return "execution_providers: list at least one provider"
         for ep in self.execution_providers:
             if ep not in KNOWN_PROVIDERS:
-                return f"execution_providers: unknown provider {ep!r} (known: {', '.join(KNOWN_PROVIDERS)})"
-        if "CPUExecutionProvider" not in self.execution_providers:
+                known = ", ".join(KNOWN_PROVIDERS)
+                return f"execution_providers: unknown provider {ep!r} (known: {known})"
+        if len(set(self.execution_providers)) != len(self.execution_providers):
+            return "execution_providers: a provider is listed twice"
+        if self.execution_providers[-1] != "CPUExecutionProvider":
             return "execution_providers: CPUExecutionProvider must be listed as the last fallback"
         if self.arch != "x86_64" and (self.isa.avx2 or self.isa.avx512_vnni):
             return "isa: avx2/avx512_vnni are x86 features"
         if self.arch == "x86_64" and (self.isa.neon or self.isa.dotprod or self.isa.i8mm):
             return "isa: neon/dotprod/i8mm are ARM features"
-        if self.accelerator == "none" and any(
-            ep in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for ep in self.execution_providers
-        ):
+        gpu = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if self.accelerator == "none" and any(ep in gpu for ep in self.execution_providers):
             return "execution_providers: CUDA/TensorRT listed but accelerator is 'none'"
         return None
 
@@ -265,25 +270,37 @@ def builtin_profile_names() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
-def load_profile(name_or_path: str | Path) -> DeviceProfile:
-    """Load a shipped profile by name (``rpi4``) or any profile file by path.
+def _is_path(name_or_path: str | Path) -> bool:
+    """A ``Path``, or text that names a file (``.toml`` suffix or a directory part), not a name."""
+    if isinstance(name_or_path, Path):
+        return True
+    return name_or_path.endswith(".toml") or "/" in name_or_path or os.sep in name_or_path
 
-    The file's stem must equal its ``name`` key so a profile is never mistaken for another.
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a shipped profile by name (``rpi4``) or any profile file by path (``./lab.toml``).
+
+    A shipped file's stem must equal its ``name`` key so a profile is never mistaken for another.
+    A name never reads a file from the working directory: give a path for that.
     """
     text = str(name_or_path)
-    if text.endswith(".toml") or "/" in text or Path(text).exists():
+    if _is_path(name_or_path):
         path = Path(text)
         data = load_toml(path, ProfileError)
         profile = parse_profile(data, path=path.name if path.parent == Path(".") else path)
         return profile
-    if not _NAME.match(text):
+    if not _NAME.fullmatch(text):
         raise ProfileError(f"not a profile name or .toml path: {text!r}")
     resource = resources.files("device_profiles") / f"{text}.toml"
     if not resource.is_file():
         known = ", ".join(builtin_profile_names())
-        raise ProfileError(f"unknown profile {text!r} (known: {known}; or give a path to a .toml file)")
-    data = loads_toml(resource.read_text(encoding="utf-8"), path=f"{text}.toml", error=ProfileError)
-    profile = parse_profile(data, path=f"{text}.toml")
+        raise ProfileError(
+            f"unknown profile {text!r} (known: {known}; or give a path to a .toml file)"
+        )
+    filename = f"{text}.toml"
+    data = loads_toml(resource.read_text(encoding="utf-8"), path=filename, error=ProfileError)
+    profile = parse_profile(data, path=filename)
     if profile.name != text:
-        raise ProfileError(f"name {profile.name!r} differs from file name", path=f"{text}.toml", key="name")
+        message = f"{profile.name!r} differs from the file name; rename one"
+        raise ProfileError(message, path=filename, key="name")
     return profile

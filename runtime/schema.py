@@ -9,6 +9,10 @@ named, and a value of the wrong type says what was expected::
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
+import reprlib
 import sys
 import types
 import typing
@@ -28,12 +32,16 @@ else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
 
-def loads_toml(text: str, *, path: str | Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+def loads_toml(
+    text: str, *, path: str | Path, error: type[ConfigError] = ConfigError
+) -> dict[str, Any]:
     """Parse TOML text; a syntax error names ``path``."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"invalid TOML: {exc}", path=path) from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise error("invalid TOML: arrays or tables nested too deeply", path=path) from exc
 
 
 def load_toml(path: str | Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
@@ -52,11 +60,28 @@ def load_toml(path: str | Path, error: type[ConfigError] = ConfigError) -> dict[
     return loads_toml(text, path=p, error=error)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+
+
 def _describe(value: object) -> str:
-    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    """A short, one-line rendering of a bad value: strings in double quotes, as TOML writes them."""
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)  # escapes quotes, newlines and control chars
+    else:
+        text = _REPR.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return text
+
+
+def _key_text(key: object) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (``cpu."a b"``, ``""``)."""
+    text = str(key)
+    return text if _BARE_KEY.fullmatch(text) else json.dumps(text, ensure_ascii=False)
 
 
 def _type_name(tp: Any) -> str:
@@ -78,7 +103,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, path: str | None, error: type[ConfigError]) -> Any:
     def fail(expected: str | None = None) -> typing.NoReturn:
-        raise error(f"expected {expected or _type_name(tp)}, got {_describe(value)}", path=path, key=key)
+        message = f"expected {expected or _type_name(tp)}, got {_describe(value)}"
+        raise error(message, path=path, key=key)
 
     origin = get_origin(tp)
     if tp is Any:
@@ -109,15 +135,18 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, error: type[Config
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 fail(f"list of {len(args)} items")
-            return tuple(_convert(v, a, f"{key}[{i}]", path, error) for i, (v, a) in enumerate(zip(value, args)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_convert(v, a, f"{key}[{i}]", path, error) for i, (v, a) in pairs)
         item = args[0] if args else Any
         items = [_convert(v, item, f"{key}[{i}]", path, error) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             fail()
-        ktp, vtp = get_args(tp) or (str, Any)
-        return {str(k): _convert(v, vtp, f"{key}.{k}", path, error) for k, v in value.items()}
+        _, vtp = get_args(tp) or (str, Any)
+        return {
+            str(k): _convert(v, vtp, f"{key}.{_key_text(k)}", path, error) for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             fail()
@@ -132,9 +161,13 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, error: type[Config
         fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value != value or value in (float("inf"), float("-inf")):
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
                 fail("finite number")
-            return float(value)
+            if not math.isfinite(number):
+                fail("finite number")
+            return number
         fail("number")
     if tp is str:
         if isinstance(value, str):
@@ -170,15 +203,21 @@ def from_dict(
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     # TOML keys use dashes or underscores; fields use underscores.
     seen: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for raw_key, value in data.items():
         name = str(raw_key).replace("-", "_")
-        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        dotted = f"{prefix}.{_key_text(raw_key)}" if prefix else _key_text(raw_key)
         if name not in fields:
             known = ", ".join(sorted(fields))
             raise error(f"unknown key (known keys: {known})", path=spath, key=dotted)
+        if name in spelled:
+            message = f"given twice (also as {spelled[name]!r}); keep one"
+            raise error(message, path=spath, key=dotted)
+        spelled[name] = str(raw_key)
         seen[name] = _convert(value, hints[name], dotted, spath, error)
     for name, f in fields.items():
-        if name not in seen and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in seen and required:
             dotted = f"{prefix}.{name}" if prefix else name
             raise error("required key is missing", path=spath, key=dotted)
     obj = cls(**seen)
