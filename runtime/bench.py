@@ -54,6 +54,15 @@ def random_feeds(inputs: tuple[TensorSpec, ...], seed: int = 0) -> dict[str, np.
 
 
 def _peak_rss_mb() -> float:
+    # VmHWM belongs to this process image; ru_maxrss survives exec and would report the
+    # parent's peak when the parent was bigger (a toolchain with torch loaded, say).
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
 

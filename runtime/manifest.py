@@ -188,7 +188,7 @@ def parse_manifest(data: bytes | str, *, path: str = "manifest.json") -> Manifes
     """Parse and validate manifest bytes; anything wrong is a :class:`ManifestError`."""
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"not valid JSON: {exc}", path=path) from exc
     if not isinstance(obj, dict):
         raise ManifestError("expected a JSON object", path=path)

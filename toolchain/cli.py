@@ -135,7 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.version:
         from runtime.manifest import _SEMVER
 
-        if not _SEMVER.match(args.version):
+        if not _SEMVER.fullmatch(args.version):
             raise UsageError(f"expected a semantic version like 1.2.0, got {args.version!r}", flag="--version")
     profile = load_profile(args.profile)
     shapes = tuple(parse_shape(s) for s in args.input_shape) if args.input_shape else None
@@ -209,9 +209,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise KeyFileError(str(exc)) from exc
     res = bundle.verify_bundle(Path(args.bundle), keys)
     if args.json:
-        _print_json(res if isinstance(res, dict) else getattr(res, "__dict__", str(res)))
+        _print_json(res.to_dict())
     else:
-        print(f"OK: {args.bundle} verified ({res})")
+        print(f"OK: {res.name} {res.version} signed by key {res.key_id}; {len(res.files)} file(s) match the manifest")
     return 0
 
 

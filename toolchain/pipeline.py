@@ -276,7 +276,7 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
         if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
             if cand_bench.p50_ms > ref_bench.p50_ms and cand_size > 0.9 * ref_size:
                 b.warnings.append("the INT8 model is slower than FP32 on this host and no smaller")
-            elif cand_bench.p50_ms > ref_bench.p50_ms:
+            elif cand_bench.p50_ms > 1.1 * ref_bench.p50_ms:
                 b.warnings.append(f"INT8 runs slower than FP32 on this host ({cand_bench.p50_ms:.2f} vs {ref_bench.p50_ms:.2f} ms p50)")
         gate = validate.judge(req.profile, cmp, size_mb=cand_size / 2**20,
                               latency_p95_ms=cand_bench.p95_ms if cand_bench else None)

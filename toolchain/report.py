@@ -23,6 +23,10 @@ def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
     return f"{v}{unit}"
 
 
+def _num(v: Any) -> str:
+    return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def print_build(report: dict[str, Any]) -> None:
     """Reference vs candidate table, gate checks and warnings."""
     from rich.table import Table
@@ -61,7 +65,7 @@ def print_build(report: dict[str, Any]) -> None:
         g.add_column(col)
     for c in gate.get("checks", []):
         result = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[c["passed"]]
-        g.add_row(c["name"], _fmt(c["value"], digits=4), _fmt(c["limit"], digits=4), result, c.get("note", ""))
+        g.add_row(c["name"], _num(c["value"]), _num(c["limit"]), result, c.get("note", ""))
     con.print(g)
     for w in report.get("warnings", []):
         con.print(f"[yellow]warning:[/] {w}")
