@@ -67,9 +67,16 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
 
 
-def benchmark(model: Path, options: EngineOptions, *, feeds: Mapping[str, np.ndarray] | None = None,
-              warmup: int = 5, iterations: int = 50, backend: str = "onnxruntime",
-              progress: Callable[[int, int], None] | None = None) -> BenchResult:
+def benchmark(
+    model: Path,
+    options: EngineOptions,
+    *,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    warmup: int = 5,
+    iterations: int = 50,
+    backend: str = "onnxruntime",
+    progress: Callable[[int, int], None] | None = None,
+) -> BenchResult:
     """Time ``iterations`` runs after ``warmup`` runs."""
     t0 = time.perf_counter()
     engine = open_engine(model, backend=backend, options=options)
@@ -119,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     def report(i: int, n: int) -> None:
         print(f"progress {i} {n}", file=sys.stderr, flush=True)
 
-    result = benchmark(args.model, opts, feeds=feeds, warmup=args.warmup, iterations=args.iterations,
-                       progress=report if args.progress else None)
+    result = benchmark(
+        args.model,
+        opts,
+        feeds=feeds,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        progress=report if args.progress else None,
+    )
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -173,13 +173,9 @@ def _prepare_dest(source: Path, dest: Path | None) -> tuple[Path, bool]:
     except FileExistsError:
         if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
             return dest, False
-        raise BundleError(
-            f"extraction directory {dest} must be a new or empty directory", path=source
-        ) from None
+        raise BundleError(f"extraction directory {dest} must be a new or empty directory", path=source) from None
     except OSError as exc:
-        raise BundleError(
-            f"cannot create extraction directory {dest}: {exc.strerror}", path=source
-        ) from exc
+        raise BundleError(f"cannot create extraction directory {dest}: {exc.strerror}", path=source) from exc
 
 
 def _discard(root: Path, owned: bool) -> None:
@@ -196,16 +192,12 @@ def _discard(root: Path, owned: bool) -> None:
 def _safe_name(source: Path, raw: str) -> str:
     """The normalised relative name of a tar member, or :class:`UnsafeArchiveError`."""
     if raw.startswith("/"):
-        raise UnsafeArchiveError(
-            f"member {raw!r} has an absolute path; refusing to extract", path=source
-        )
+        raise UnsafeArchiveError(f"member {raw!r} has an absolute path; refusing to extract", path=source)
     parts = [p for p in PurePosixPath(raw).parts if p != "."]
     if ".." in raw.split("/"):
         raise UnsafeArchiveError(f"member {raw!r} contains '..'; refusing to extract", path=source)
     if "\x00" in raw:
-        raise UnsafeArchiveError(
-            f"member {raw!r} contains a NUL byte; refusing to extract", path=source
-        )
+        raise UnsafeArchiveError(f"member {raw!r} contains a NUL byte; refusing to extract", path=source)
     return "/".join(parts)
 
 
@@ -221,9 +213,7 @@ def _member_kind(info: tarfile.TarInfo) -> str:
     return f"of tar type {info.type!r}"
 
 
-def _vet_members(
-    source: Path, tar: tarfile.TarFile, max_bytes: int | None
-) -> list[tuple[str, tarfile.TarInfo]]:
+def _vet_members(source: Path, tar: tarfile.TarFile, max_bytes: int | None) -> list[tuple[str, tarfile.TarInfo]]:
     """Every member checked for safety before a single byte is written (no size cap when None)."""
     members: list[tuple[str, tarfile.TarInfo]] = []
     seen: dict[str, bool] = {}  # name -> is a regular file
@@ -231,9 +221,7 @@ def _vet_members(
     total = 0
     for info in tar:
         if len(members) >= _MAX_MEMBERS:
-            raise UnsafeArchiveError(
-                f"more than {_MAX_MEMBERS} members; refusing to extract", path=source
-            )
+            raise UnsafeArchiveError(f"more than {_MAX_MEMBERS} members; refusing to extract", path=source)
         if info.size < 0:  # tarfile accepts a negative size and then fails to seek past it
             raise BundleError(f"damaged tar: member {info.name!r} has a negative size", path=source)
         name = _safe_name(source, info.name)
@@ -243,9 +231,7 @@ def _vet_members(
                 path=source,
             )
         if name in seen or (name == "" and info.isfile()):
-            raise UnsafeArchiveError(
-                f"member {info.name!r} appears twice; refusing to extract", path=source
-            )
+            raise UnsafeArchiveError(f"member {info.name!r} appears twice; refusing to extract", path=source)
         parents = [str(p) for p in PurePosixPath(name).parents if str(p) != "."]
         if any(seen.get(p) for p in parents) or (info.isfile() and name in implied_dirs):
             raise UnsafeArchiveError(
@@ -284,9 +270,7 @@ def _extract_tar(source: Path, root: Path, max_bytes: int) -> None:
             f"not a readable plain tar ({exc}); bundles are uncompressed .tar files", path=source
         ) from exc
     except (EOFError, ValueError) as exc:  # a damaged header tarfile does not wrap itself
-        raise BundleError(
-            f"damaged tar archive ({exc}); re-download the bundle", path=source
-        ) from exc
+        raise BundleError(f"damaged tar archive ({exc}); re-download the bundle", path=source) from exc
     except OSError as exc:
         raise BundleError(f"cannot extract: {exc.strerror or exc}", path=source) from exc
 
@@ -308,15 +292,11 @@ def _walk(root: Path, source: Path) -> Iterator[tuple[str, os.stat_result]]:
             st = full.lstat()
             rel = full.relative_to(root).as_posix()
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafeArchiveError(
-                    f"{rel!r} is a symlink; bundles hold only regular files", path=source
-                )
+                raise UnsafeArchiveError(f"{rel!r} is a symlink; bundles hold only regular files", path=source)
             if stat.S_ISDIR(st.st_mode):
                 continue
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafeArchiveError(
-                    f"{rel!r} is not a regular file (device, fifo or socket)", path=source
-                )
+                raise UnsafeArchiveError(f"{rel!r} is not a regular file (device, fifo or socket)", path=source)
             yield rel, st
 
 
@@ -325,9 +305,7 @@ def _copy_tree(source: Path, root: Path, max_bytes: int) -> None:
     for rel, st in _walk(source, source):
         total += st.st_size
         if total > max_bytes:
-            raise UnsafeArchiveError(
-                f"files add up to more than {max_bytes} bytes (max_bytes)", path=source
-            )
+            raise UnsafeArchiveError(f"files add up to more than {max_bytes} bytes (max_bytes)", path=source)
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / rel, target, follow_symlinks=False)
@@ -342,9 +320,7 @@ def _read_small(path: Path, limit: int, error: type[BundleError], source: Path) 
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path.name} is not a regular file", path=source)
     if st.st_size > limit:
-        raise error(
-            f"{path.name} is {st.st_size} bytes, more than the {limit}-byte limit", path=source
-        )
+        raise error(f"{path.name} is {st.st_size} bytes, more than the {limit}-byte limit", path=source)
     return path.read_bytes()
 
 
@@ -374,33 +350,24 @@ def _verify(
             raise SignatureError(str(exc), path=source) from exc
     manifest = parse_manifest(manifest_bytes, path=f"{source}: {MANIFEST_NAME}")
     _check_files(source, root, manifest)
-    return Bundle(
-        root=root, manifest=manifest, manifest_bytes=manifest_bytes, key_id=kid, temporary=temporary
-    )
+    return Bundle(root=root, manifest=manifest, manifest_bytes=manifest_bytes, key_id=kid, temporary=temporary)
 
 
 def _check_files(source: Path, root: Path, manifest: Manifest) -> None:
     listed = {f.path for f in manifest.files}
     for rel, _ in _walk(root, source):
         if rel not in listed and rel not in (MANIFEST_NAME, SIGNATURE_NAME):
-            raise IntegrityError(
-                f"{rel} is not listed in manifest.json; refusing an unlisted file", path=source
-            )
+            raise IntegrityError(f"{rel} is not listed in manifest.json; refusing an unlisted file", path=source)
     for entry in manifest.files:
         try:
             digest, size = file_digest(root / entry.path, follow_symlinks=False)
         except FileNotFoundError:
-            raise IntegrityError(
-                f"{entry.path} is listed in manifest.json but missing", path=source
-            ) from None
+            raise IntegrityError(f"{entry.path} is listed in manifest.json but missing", path=source) from None
         except OSError as exc:
-            raise IntegrityError(
-                f"{entry.path} cannot be read: {exc.strerror}", path=source
-            ) from exc
+            raise IntegrityError(f"{entry.path} cannot be read: {exc.strerror}", path=source) from exc
         if size != entry.size:
             raise IntegrityError(
-                f"{entry.path} is {size} bytes, manifest.json says {entry.size}; "
-                "rebuild or re-download the bundle",
+                f"{entry.path} is {size} bytes, manifest.json says {entry.size}; rebuild or re-download the bundle",
                 path=source,
             )
         if digest != entry.sha256:

@@ -29,7 +29,9 @@ class EngineOptions:
     deterministic: bool = False  # disable graph rewrites that change numerics slightly (validation)
 
     @classmethod
-    def from_profile(cls, profile: DeviceProfile, *, host_cores: int | None = None, **overrides: object) -> EngineOptions:
+    def from_profile(
+        cls, profile: DeviceProfile, *, host_cores: int | None = None, **overrides: object
+    ) -> EngineOptions:
         """Options a device of ``profile`` would use, clipped to ``host_cores`` when running elsewhere."""
         threads = profile.cpu.inference_threads
         pin: tuple[int, ...] = profile.cpu.big_cores if profile.runtime.pin_threads else ()
@@ -83,4 +85,4 @@ def feeds_for(engine: Engine, arrays: Sequence[np.ndarray]) -> dict[str, np.ndar
     """Map positional arrays to the engine's input names."""
     if len(arrays) != len(engine.inputs):
         raise EngineError(f"model takes {len(engine.inputs)} inputs, got {len(arrays)}")
-    return {spec.name: arr for spec, arr in zip(engine.inputs, arrays)}
+    return {spec.name: arr for spec, arr in zip(engine.inputs, arrays, strict=False)}

@@ -114,10 +114,8 @@ def fit_rank(arr: np.ndarray, tensor: TensorSpec, *, source: str) -> np.ndarray:
     if arr.ndim == len(tensor.shape) - 1:
         arr = arr[None]
     if arr.ndim != len(tensor.shape):
-        raise InputError(
-            f"{source}: shape {tuple(arr.shape)} does not fit input {tensor.name!r} {tuple(tensor.shape)}"
-        )
-    for got, want in zip(arr.shape, tensor.shape):
+        raise InputError(f"{source}: shape {tuple(arr.shape)} does not fit input {tensor.name!r} {tuple(tensor.shape)}")
+    for got, want in zip(arr.shape, tensor.shape, strict=False):
         if isinstance(want, int) and want > 0 and got != want:
             raise InputError(
                 f"{source}: shape {tuple(arr.shape)} does not fit input {tensor.name!r} {tuple(tensor.shape)}"

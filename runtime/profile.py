@@ -294,9 +294,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     resource = resources.files("device_profiles") / f"{text}.toml"
     if not resource.is_file():
         known = ", ".join(builtin_profile_names())
-        raise ProfileError(
-            f"unknown profile {text!r} (known: {known}; or give a path to a .toml file)"
-        )
+        raise ProfileError(f"unknown profile {text!r} (known: {known}; or give a path to a .toml file)")
     filename = f"{text}.toml"
     data = loads_toml(resource.read_text(encoding="utf-8"), path=filename, error=ProfileError)
     profile = parse_profile(data, path=filename)

@@ -32,9 +32,7 @@ else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
 
-def loads_toml(
-    text: str, *, path: str | Path, error: type[ConfigError] = ConfigError
-) -> dict[str, Any]:
+def loads_toml(text: str, *, path: str | Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """Parse TOML text; a syntax error names ``path``."""
     try:
         return tomllib.loads(text)
@@ -144,9 +142,7 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, error: type[Config
         if not isinstance(value, Mapping):
             fail()
         _, vtp = get_args(tp) or (str, Any)
-        return {
-            str(k): _convert(v, vtp, f"{key}.{_key_text(k)}", path, error) for k, v in value.items()
-        }
+        return {str(k): _convert(v, vtp, f"{key}.{_key_text(k)}", path, error) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             fail()

@@ -59,9 +59,7 @@ def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(
-    out_dir: Path, name: str = "fleet", *, overwrite: bool = False
-) -> tuple[Path, Path]:
+def generate_keypair(out_dir: Path, name: str = "fleet", *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new ``<name>.key`` (0600) and ``<name>.pub`` into ``out_dir``; return both paths.
 
     Existing files are refused (the error names them) unless ``overwrite`` is true: a fleet's
@@ -91,13 +89,9 @@ def generate_keypair(
         _write_key_file(private_path, private_pem, 0o600, overwrite=overwrite)
         _write_key_file(public_path, public_pem, 0o644, overwrite=overwrite)
     except FileExistsError as exc:
-        raise SignatureError(
-            "already exists; refusing to overwrite a signing key", path=exc.filename
-        ) from exc
+        raise SignatureError("already exists; refusing to overwrite a signing key", path=exc.filename) from exc
     except OSError as exc:
-        raise SignatureError(
-            f"cannot write key file: {exc.strerror}", path=exc.filename or out_dir
-        ) from exc
+        raise SignatureError(f"cannot write key file: {exc.strerror}", path=exc.filename or out_dir) from exc
     return private_path, public_path
 
 
@@ -142,21 +136,15 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     path = Path(path)
     data = _read_key_file(path)
     if b"-----BEGIN PUBLIC KEY-----" in data:
-        raise SignatureError(
-            "is a public key; signing needs the private key (the .key file)", path=path
-        )
+        raise SignatureError("is a public key; signing needs the private key (the .key file)", path=path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as exc:  # cryptography's signal for "this key is encrypted"
-        raise SignatureError(
-            "is encrypted; edgefleet expects an unencrypted key (mode 0600)", path=path
-        ) from exc
+        raise SignatureError("is encrypted; edgefleet expects an unencrypted key (mode 0600)", path=path) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"not a readable PEM private key: {exc}", path=path) from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(
-            f"is a {type(key).__name__}, not an ed25519 key; create one with keygen", path=path
-        )
+        raise SignatureError(f"is a {type(key).__name__}, not an ed25519 key; create one with keygen", path=path)
     try:
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
             log.warning("%s: private key is readable by group/others; chmod 600 it", path)
@@ -170,9 +158,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     path = Path(path)
     data = _read_key_file(path)
     if b"PRIVATE KEY-----" in data:
-        raise SignatureError(
-            "is a private key; devices must only hold the public key (the .pub file)", path=path
-        )
+        raise SignatureError("is a private key; devices must only hold the public key (the .pub file)", path=path)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -216,32 +202,22 @@ def parse_signature(sig_bytes: bytes) -> tuple[str, bytes]:
             path="manifest.sig",
         )
     if doc["algorithm"] != ALGORITHM:
-        raise SignatureError(
-            f"unsupported algorithm {doc['algorithm']!r}; expected 'ed25519'", path="manifest.sig"
-        )
+        raise SignatureError(f"unsupported algorithm {doc['algorithm']!r}; expected 'ed25519'", path="manifest.sig")
     kid, sig_b64 = doc["key_id"], doc["signature"]
     if not isinstance(kid, str) or not _KEY_ID.match(kid):
-        raise SignatureError(
-            "malformed: key_id must be 16 lower-case hex digits", path="manifest.sig"
-        )
+        raise SignatureError("malformed: key_id must be 16 lower-case hex digits", path="manifest.sig")
     if not isinstance(sig_b64, str):
         raise SignatureError("malformed: signature must be a base64 string", path="manifest.sig")
     try:
         raw = base64.b64decode(sig_b64.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error) as exc:
-        raise SignatureError(
-            f"malformed: signature is not base64 ({exc})", path="manifest.sig"
-        ) from exc
+        raise SignatureError(f"malformed: signature is not base64 ({exc})", path="manifest.sig") from exc
     if len(raw) != 64:
-        raise SignatureError(
-            f"malformed: an ed25519 signature is 64 bytes, got {len(raw)}", path="manifest.sig"
-        )
+        raise SignatureError(f"malformed: an ed25519 signature is 64 bytes, got {len(raw)}", path="manifest.sig")
     return kid, raw
 
 
-def verify_manifest(
-    manifest_bytes: bytes, sig_bytes: bytes, trusted: Sequence[Ed25519PublicKey]
-) -> str:
+def verify_manifest(manifest_bytes: bytes, sig_bytes: bytes, trusted: Sequence[Ed25519PublicKey]) -> str:
     """Check ``sig_bytes`` over ``manifest_bytes`` against ``trusted``; return the key id used."""
     kid, raw = parse_signature(sig_bytes)
     by_id = {key_id(k): k for k in trusted}
@@ -257,8 +233,7 @@ def verify_manifest(
         key.verify(raw, manifest_bytes)
     except InvalidSignature as exc:
         raise SignatureError(
-            f"signature does not match manifest.json (tampered or wrong key {kid}); "
-            "rebuild or re-sign the bundle",
+            f"signature does not match manifest.json (tampered or wrong key {kid}); rebuild or re-sign the bundle",
             path="manifest.sig",
         ) from exc
     return kid

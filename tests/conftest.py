@@ -29,8 +29,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     if args and args[0] == "edge-runtime":
         module, args = "runtime.cli", args[1:]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return Cli(proc.returncode, proc.stdout, proc.stderr)
 
 

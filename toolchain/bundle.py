@@ -73,9 +73,7 @@ def _key_file_error(exc: SignatureError, path: str | Path) -> KeyFileError:
     return KeyFileError(message, path=exc.path or path)
 
 
-def generate_keypair(
-    out_dir: Path, name: str = "fleet", *, overwrite: bool = False
-) -> tuple[Path, Path]:
+def generate_keypair(out_dir: Path, name: str = "fleet", *, overwrite: bool = False) -> tuple[Path, Path]:
     """:func:`runtime.signing.generate_keypair`, with key-file problems as :class:`KeyFileError`."""
     try:
         return signing.generate_keypair(Path(out_dir), name, overwrite=overwrite)
@@ -169,9 +167,7 @@ def _atomic(out: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def _write_tar(
-    out: Path, manifest_bytes: bytes, sig_bytes: bytes, files: Mapping[str, Path]
-) -> Path:
+def _write_tar(out: Path, manifest_bytes: bytes, sig_bytes: bytes, files: Mapping[str, Path]) -> Path:
     """Write the reproducible tar: fixed headers, fixed order, no compression."""
     mtime = _epoch()
 
@@ -192,9 +188,7 @@ def _write_tar(
     return out
 
 
-def pack(
-    files: Mapping[str, Path], manifest: Manifest, private_key: PrivateKeyLike, out: Path
-) -> Path:
+def pack(files: Mapping[str, Path], manifest: Manifest, private_key: PrivateKeyLike, out: Path) -> Path:
     """Sign ``manifest`` and write it with ``files`` (bundle path -> local file) as the tar ``out``.
 
     The manifest is validated as a device would parse it, and every file must match its entry.
@@ -291,12 +285,9 @@ def inspect_bundle(bundle_path: Path) -> dict[str, Any]:
 def render_inspect(info: Mapping[str, Any]) -> str:
     """A short human-readable summary of :func:`inspect_bundle`'s result."""
     m, sig = info["manifest"], info["signature"]
-    signer = (
-        f"key {sig['key_id']}" if sig["key_id"] else ("malformed" if sig["present"] else "unsigned")
-    )
+    signer = f"key {sig['key_id']}" if sig["key_id"] else ("malformed" if sig["present"] else "unsigned")
     lines = [
-        f"{m['name']} {m['version']}  "
-        f"({m['backend']}, {m['precision']}, profile {m['profile']['name']})",
+        f"{m['name']} {m['version']}  ({m['backend']}, {m['precision']}, profile {m['profile']['name']})",
         f"bundle:    {info['path']} ({info['kind']})",
         f"sha256:    {info['sha256'] or '-'}",
         f"signature: {signer}",

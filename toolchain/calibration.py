@@ -138,8 +138,7 @@ def load_dataset(
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise DatasetError(
-                f"a {role} set is a folder, an .npz file or package.module:function, "
-                "not a single file",
+                f"a {role} set is a folder, an .npz file or package.module:function, not a single file",
                 path=path,
             )
         return _from_npz(path, ctx, limit, seed)
@@ -198,9 +197,7 @@ def _from_folder(root: Path, ctx: _Context, limit: int | None, seed: int) -> Dat
         )
     labels: list[int | None]
     if classes:
-        items = [
-            (p, i) for i, c in enumerate(classes) for p in _visible(c, ctx) if _is_sample_file(p)
-        ]
+        items = [(p, i) for i, c in enumerate(classes) for p in _visible(c, ctx) if _is_sample_file(p)]
         files, labels = [p for p, _ in items], [i for _, i in items]
         label_names = tuple(c.name for c in classes)
     else:
@@ -254,9 +251,7 @@ def _reason(exc: Exception, source: str | Path) -> str:
 def _fit(arr: Any, tensor: TensorSpec, ctx: _Context, source: str) -> np.ndarray:
     """Check one array against a model input and give it a batch axis of exactly 1."""
     if not isinstance(arr, np.ndarray):
-        raise ctx.fail(
-            f"expected a numpy array for input {tensor.name!r}, got {type(arr).__name__}", source
-        )
+        raise ctx.fail(f"expected a numpy array for input {tensor.name!r}, got {type(arr).__name__}", source)
     try:
         out = fit_rank(arr, tensor, source=source)
     except (InputError, ValueError, TypeError) as exc:
@@ -315,9 +310,7 @@ def _from_npz(path: Path, ctx: _Context, limit: int | None, seed: int) -> Datase
         try:
             arrays = {k: data[k] for k in data.files}
         except (ValueError, OSError) as exc:  # object arrays need pickle, which is refused
-            raise ctx.fail(
-                f"cannot read an array ({exc}); save plain numeric arrays", path
-            ) from exc
+            raise ctx.fail(f"cannot read an array ({exc}); save plain numeric arrays", path) from exc
     label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
     names = _npz_label_names(arrays.get("label_names"), ctx, path)
     tensors = {k: v for k, v in arrays.items() if k not in _RESERVED_KEYS}
@@ -329,9 +322,7 @@ def _from_npz(path: Path, ctx: _Context, limit: int | None, seed: int) -> Datase
         raise ctx.fail(f"arrays disagree on the number of samples (first axis): {lengths}", path)
     if count == 0:
         raise ctx.fail("the arrays hold no samples (first axis is empty)", path)
-    labels = (
-        _npz_labels(arrays[label_key], label_key, count, names, ctx, path) if label_key else None
-    )
+    labels = _npz_labels(arrays[label_key], label_key, count, names, ctx, path) if label_key else None
     samples = tuple(
         Sample(
             _feeds_from_mapping(tensors, ctx, str(path), row=i),
@@ -347,19 +338,14 @@ def _npz_label_names(arr: np.ndarray | None, ctx: _Context, path: Path) -> tuple
     if arr is None:
         return ()
     if arr.ndim != 1 or arr.dtype.kind not in "US":
-        raise ctx.fail(
-            f"label_names must be a 1-D string array, got {arr.dtype} of shape {arr.shape}", path
-        )
+        raise ctx.fail(f"label_names must be a 1-D string array, got {arr.dtype} of shape {arr.shape}", path)
     return tuple(str(n) for n in arr.tolist())
 
 
-def _npz_labels(
-    arr: np.ndarray, key: str, count: int, names: tuple[str, ...], ctx: _Context, path: Path
-) -> list[int]:
+def _npz_labels(arr: np.ndarray, key: str, count: int, names: tuple[str, ...], ctx: _Context, path: Path) -> list[int]:
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise ctx.fail(
-            f"{key!r} must be a 1-D integer array of class indices, "
-            f"got {arr.dtype} of shape {arr.shape}",
+            f"{key!r} must be a 1-D integer array of class indices, got {arr.dtype} of shape {arr.shape}",
             path,
         )
     if arr.shape[0] != count:
@@ -392,16 +378,10 @@ def _from_reader(spec: str, ctx: _Context, limit: int | None) -> Dataset:
             )
         extra = sorted(set(feeds) - {t.name for t in ctx.inputs})
         if extra:
-            raise ctx.fail(
-                f"item {i} feeds unknown inputs {extra} (the model has {ctx.names})", spec
-            )
-        if label is not None and (
-            isinstance(label, bool) or not isinstance(label, (int, np.integer))
-        ):
+            raise ctx.fail(f"item {i} feeds unknown inputs {extra} (the model has {ctx.names})", spec)
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))):
             raise ctx.fail(f"item {i} has label {label!r}; labels are integer class indices", spec)
-        samples.append(
-            Sample(_feeds_from_mapping(feeds, ctx, source, row=None), _label(label), source)
-        )
+        samples.append(Sample(_feeds_from_mapping(feeds, ctx, source, row=None), _label(label), source))
     if not samples:
         raise ctx.fail("the reader yielded no samples", spec)
     labeled = [s.label is not None for s in samples]
@@ -419,9 +399,7 @@ def _call_reader(spec: str, ctx: _Context) -> Iterable[Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # user code: a syntax error or failing import is the user's to fix
-        raise ctx.fail(
-            f"cannot import reader module {module_name!r} ({type(exc).__name__}: {exc})", spec
-        ) from exc
+        raise ctx.fail(f"cannot import reader module {module_name!r} ({type(exc).__name__}: {exc})", spec) from exc
     func = getattr(module, attr, None)
     if not callable(func):
         raise ctx.fail(f"module {module_name!r} has no function {attr!r}", spec)
@@ -430,9 +408,7 @@ def _call_reader(spec: str, ctx: _Context) -> Iterable[Any]:
     except Exception as exc:  # user code
         raise ctx.fail(f"reader raised {type(exc).__name__}: {exc}", spec) from exc
     if not isinstance(items, Iterable):
-        raise ctx.fail(
-            f"reader returned a {type(items).__name__}, expected an iterable of feed dicts", spec
-        )
+        raise ctx.fail(f"reader returned a {type(items).__name__}, expected an iterable of feed dicts", spec)
     return items
 
 

@@ -36,6 +36,7 @@ def _print_json(obj: Any) -> None:
 
 # --- profiles -------------------------------------------------------------------------------
 
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     from runtime.profile import builtin_profile_names, load_profile
     from toolchain import report
@@ -48,7 +49,10 @@ def cmd_profiles(args: argparse.Namespace) -> int:
             report.print_profiles(profiles)
         return 0
     if not args.profile:
-        raise UsageError("name a profile or a .toml path, e.g. `toolchain profiles show rpi4`", flag="profiles show")
+        raise UsageError(
+            "name a profile or a .toml path, e.g. `toolchain profiles show rpi4`",
+            flag="profiles show",
+        )
     prof = load_profile(args.profile)
     if args.json:
         _print_json(prof.to_dict() | {"digest": prof.digest})
@@ -58,6 +62,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 # --- build ----------------------------------------------------------------------------------
+
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...]:
     if not text:
@@ -117,8 +122,11 @@ def _signing_key(arg: str | None) -> Path:
     path = default_key_path()
     if not path.is_file():
         generate_keypair(path.parent, path.stem)
-        print(f"toolchain: created signing key {path} (public key {path.with_suffix('.pub')}: "
-              "give it to your devices as a trusted key)", file=sys.stderr)
+        print(
+            f"toolchain: created signing key {path} (public key {path.with_suffix('.pub')}: "
+            "give it to your devices as a trusted key)",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -140,14 +148,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     shapes = tuple(parse_shape(s) for s in args.input_shape) if args.input_shape else None
     req = BuildRequest(
-        model=args.model, profile=profile, output_dir=Path(args.output), key=_signing_key(args.key),
-        weights=Path(args.weights) if args.weights else None, input_shapes=shapes,
-        calibration=args.calibration, validation=args.validation, name=args.name, version=args.version or "1.0.0",
-        parent_version=args.parent_version, quantize=args.quantize, activation_type=args.activation_type,
-        calibration_method=args.calibration_method, per_channel=False if args.no_per_channel else None,
-        prune=args.prune, prune_amount=args.prune_amount, opset=args.opset, preprocess=_preprocess(args),
-        labels=_labels(args.labels), bench_iterations=args.bench_iterations,
-        enforce_gate=not args.allow_gate_failure, keep_work=args.keep_work,
+        model=args.model,
+        profile=profile,
+        output_dir=Path(args.output),
+        key=_signing_key(args.key),
+        weights=Path(args.weights) if args.weights else None,
+        input_shapes=shapes,
+        calibration=args.calibration,
+        validation=args.validation,
+        name=args.name,
+        version=args.version or "1.0.0",
+        parent_version=args.parent_version,
+        quantize=args.quantize,
+        activation_type=args.activation_type,
+        calibration_method=args.calibration_method,
+        per_channel=False if args.no_per_channel else None,
+        prune=args.prune,
+        prune_amount=args.prune_amount,
+        opset=args.opset,
+        preprocess=_preprocess(args),
+        labels=_labels(args.labels),
+        bench_iterations=args.bench_iterations,
+        enforce_gate=not args.allow_gate_failure,
+        keep_work=args.keep_work,
     )
     progress = NullProgress() if args.quiet else RichProgress()
     try:
@@ -167,6 +190,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # --- bundles and keys -------------------------------------------------------------------------
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from toolchain import bundle, report
@@ -223,20 +247,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------
 
+
 def _build_parser(sub: Any) -> None:
-    b = sub.add_parser("build", help="turn a model into a validated, signed bundle for a device profile",
-                       description="Load, prune, export, quantize, validate against FP32, benchmark and sign.")
-    b.add_argument("model", help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory")
-    b.add_argument("--profile", required=True, help="profile name (see `toolchain profiles list`) or path to a .toml")
+    b = sub.add_parser(
+        "build",
+        help="turn a model into a validated, signed bundle for a device profile",
+        description="Load, prune, export, quantize, validate against FP32, benchmark and sign.",
+    )
+    b.add_argument(
+        "model",
+        help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory",
+    )
+    b.add_argument(
+        "--profile",
+        required=True,
+        help="profile name (see `toolchain profiles list`) or path to a .toml",
+    )
     b.add_argument("-o", "--output", default="dist", help="output directory (default: dist/)")
     b.add_argument("--weights", help="state_dict file for a module:factory model")
     b.add_argument("--input-shape", action="append", metavar="N,C,H,W", help="input shape (repeat per input)")
     b.add_argument("--calibration", metavar="DIR|FILE.npz|module:function", help="calibration samples")
-    b.add_argument("--validation", metavar="DIR|FILE.npz|module:function", help="validation samples (class sub-folders give labels)")
+    b.add_argument(
+        "--validation",
+        metavar="DIR|FILE.npz|module:function",
+        help="validation samples (class sub-folders give labels)",
+    )
     b.add_argument("--name", help="bundle name (default: from the model)")
     b.add_argument("--version", help="bundle version, semver (default 1.0.0)")
     b.add_argument("--parent-version", help="version this one replaces")
-    b.add_argument("--quantize", choices=["static", "dynamic", "fp16", "none"], help="override the profile's recipe")
+    b.add_argument(
+        "--quantize",
+        choices=["static", "dynamic", "fp16", "none"],
+        help="override the profile's recipe",
+    )
     b.add_argument("--activation-type", choices=["int8", "uint8"], help="int8 = S8S8 (ARM), uint8 = U8S8 (x86)")
     b.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"])
     b.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
@@ -250,9 +293,17 @@ def _build_parser(sub: Any) -> None:
     b.add_argument("--layout", choices=["NCHW", "NHWC"])
     b.add_argument("--resize", metavar="H,W", help="resize images to H,W (default: the model's input size)")
     b.add_argument("--labels", metavar="FILE", help="class names, one per line")
-    b.add_argument("--key", help="ed25519 signing key (default: $EDGEFLEET_SIGNING_KEY or ~/.config/edgefleet/keys/fleet.key, created if missing)")
+    b.add_argument(
+        "--key",
+        help="ed25519 signing key (default: $EDGEFLEET_SIGNING_KEY or "
+        "~/.config/edgefleet/keys/fleet.key, created if missing)",
+    )
     b.add_argument("--bench-iterations", type=int, default=50, help="host benchmark runs per model (0 = skip)")
-    b.add_argument("--allow-gate-failure", action="store_true", help="pack the bundle even if the gate fails (marked in the manifest)")
+    b.add_argument(
+        "--allow-gate-failure",
+        action="store_true",
+        help="pack the bundle even if the gate fails (marked in the manifest)",
+    )
     b.add_argument("--keep-work", action="store_true", help="keep intermediate files")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -261,7 +312,10 @@ def _build_parser(sub: Any) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    ap = argparse.ArgumentParser(prog="toolchain", description="edgefleet host toolchain: build, sign and inspect model bundles.")
+    ap = argparse.ArgumentParser(
+        prog="toolchain",
+        description="edgefleet host toolchain: build, sign and inspect model bundles.",
+    )
     ap.add_argument("-V", "--version", action="version", version=f"edgefleet toolchain {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -274,30 +328,49 @@ def make_parser() -> argparse.ArgumentParser:
 
     _build_parser(sub)
 
-    i = sub.add_parser("inspect", help="show a bundle's manifest, files and signature", description="Show a bundle's manifest, files and signature (no key needed).")
+    i = sub.add_parser(
+        "inspect",
+        help="show a bundle's manifest, files and signature",
+        description="Show a bundle's manifest, files and signature (no key needed).",
+    )
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    k = sub.add_parser("keygen", help="create an ed25519 key pair", description="Create NAME.key (private, 0600) and NAME.pub.")
+    k = sub.add_parser(
+        "keygen",
+        help="create an ed25519 key pair",
+        description="Create NAME.key (private, 0600) and NAME.pub.",
+    )
     k.add_argument("-o", "--output", required=True, help="directory for the key files")
     k.add_argument("--name", default="fleet", help="file stem (default: fleet)")
     k.add_argument("--force", action="store_true", help="overwrite existing key files")
     k.set_defaults(func=cmd_keygen)
 
-    s = sub.add_parser("sign", help="(re-)sign a bundle with a private key", description="Re-sign a bundle in place.")
+    s = sub.add_parser(
+        "sign",
+        help="(re-)sign a bundle with a private key",
+        description="Re-sign a bundle in place.",
+    )
     s.add_argument("bundle")
     s.add_argument("--key", required=True, help="private key file")
     s.set_defaults(func=cmd_sign)
 
-    v = sub.add_parser("verify", help="verify a bundle's signature and file hashes", description="Verify signature and every file hash.")
+    v = sub.add_parser(
+        "verify",
+        help="verify a bundle's signature and file hashes",
+        description="Verify signature and every file hash.",
+    )
     v.add_argument("bundle")
     v.add_argument("--key", action="append", required=True, help="trusted public key (repeatable)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
-    d = sub.add_parser("demo", help="train the digits CNN and build it end to end (offline)",
-                       description="Train a small CNN on scikit-learn's digits, build a bundle and show the report.")
+    d = sub.add_parser(
+        "demo",
+        help="train the digits CNN and build it end to end (offline)",
+        description="Train a small CNN on scikit-learn's digits, build a bundle and show the report.",
+    )
     d.add_argument("-o", "--output", default="demo-out", help="working directory (default: demo-out/)")
     d.add_argument("--profile", default="rpi4")
     d.add_argument("--json", action="store_true")
@@ -310,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except (ToolchainError, EdgeError) as exc:

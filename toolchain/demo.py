@@ -35,11 +35,22 @@ def run_demo(out: Path, *, profile: str = "rpi4", json_out: bool = False, quiet:
     if not key.is_file():
         generate_keypair(key.parent, "fleet")
     req = BuildRequest(
-        model="toolchain.examples:digits_cnn", weights=weights, input_shapes=((1, 1, 8, 8),), profile=prof,
-        output_dir=out / "dist", key=key, calibration=str(calib), validation=str(val), name="digits",
+        model="toolchain.examples:digits_cnn",
+        weights=weights,
+        input_shapes=((1, 1, 8, 8),),
+        profile=prof,
+        output_dir=out / "dist",
+        key=key,
+        calibration=str(calib),
+        validation=str(val),
+        name="digits",
     )
     result = build(req, progress)
-    result.report["demo"] = {"torch_test_accuracy": acc, "weights": str(weights), "public_key": str(key.with_suffix(".pub"))}
+    result.report["demo"] = {
+        "torch_test_accuracy": acc,
+        "weights": str(weights),
+        "public_key": str(key.with_suffix(".pub")),
+    }
     if json_out:
         json.dump(result.report, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")

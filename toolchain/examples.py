@@ -75,7 +75,7 @@ def train_digits_cnn(split: DigitsSplit, *, epochs: int = 30, seed: int = 0) -> 
             idx = order[i : i + 64]
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     model.eval()
     with torch.no_grad():
@@ -89,7 +89,7 @@ def write_digit_images(images: np.ndarray, labels: np.ndarray, root: Path) -> Pa
     import cv2
 
     root.mkdir(parents=True, exist_ok=True)
-    for i, (img, lab) in enumerate(zip(images, labels)):
+    for i, (img, lab) in enumerate(zip(images, labels, strict=False)):
         folder = root / str(int(lab))
         folder.mkdir(exist_ok=True)
         cv2.imwrite(str(folder / f"{i:04d}.png"), img)

@@ -68,7 +68,7 @@ class BuildResult:
 
 
 def default_preprocess(first: TensorSpec) -> Preprocess:
-    """Image preprocessing when the first input looks like an image (N,C,H,W / N,H,W,C with C in 1, 3), else raw tensors."""
+    """Image preprocessing when the first input looks like an image (NCHW/NHWC with 1 or 3 channels), else tensors."""
     shape = first.shape
     if len(shape) == 4 and first.dtype.startswith("float"):
         if shape[1] in (1, 3):
@@ -109,53 +109,109 @@ class _Build:
 
     def __init__(self, req: BuildRequest, progress: Progress, work: Path):
         self.req, self.progress, self.work = req, progress, work
-        self.report: dict[str, Any] = {"toolchain_version": __version__, "profile": req.profile.name}
+        self.report: dict[str, Any] = {
+            "toolchain_version": __version__,
+            "profile": req.profile.name,
+        }
         self.warnings: list[str] = []
         self.options = EngineOptions.from_profile(req.profile, host_cores=os.cpu_count() or 1, deterministic=True)
 
-    def load_and_export(self) -> tuple[Any, Any]:
+    def load_and_export(self) -> tuple[Any, Any, Any]:
+        """Load the model and export the FP32 reference; when pruning, also the pruned FP32 model.
+
+        Returns (model, reference export, export the candidate is made from).
+        """
         from toolchain import load
-        from toolchain.passes import export
 
         req = self.req
         self.progress.step(f"loading {req.model}")
         model = load.load_model(req.model, weights=req.weights, input_shapes=req.input_shapes)
         self.report["model"] = {"source": req.model, "kind": model.kind}
-        self._prune(model)
-        exp_spec = req.profile.export
-        opset = req.opset or exp_spec.opset
-        self.progress.step(f"exporting to ONNX (opset {opset})")
-        fp32 = self.work / "reference.onnx"
-        result = export.run(model, fp32, opset=opset, static_shapes=exp_spec.static_shapes,
-                            simplify=exp_spec.simplify, input_shapes=model.input_shapes)
-        self.report["export"] = {"opset": result.opset, "simplified": result.simplified, "notes": list(result.notes)}
-        return model, result
+        reference = self._export(model, self.work / "reference.onnx")
+        self.report["export"] = {
+            "opset": reference.opset,
+            "simplified": reference.simplified,
+            "notes": list(reference.notes),
+        }
+        if not self._prune(model):
+            return model, reference, reference
+        return model, reference, self._export(model, self.work / "pruned.onnx")
 
-    def _prune(self, model: Any) -> None:
+    def _export(self, model: Any, path: Path) -> Any:
+        from toolchain.passes import export
+
+        spec = self.req.profile.export
+        opset = self.req.opset or spec.opset
+        self.progress.step(f"exporting {path.stem} to ONNX (opset {opset})")
+        return export.run(
+            model,
+            path,
+            opset=opset,
+            static_shapes=spec.static_shapes,
+            simplify=spec.simplify,
+            input_shapes=model.input_shapes,
+        )
+
+    def _prune(self, model: Any) -> bool:
         req = self.req
         method = req.prune or req.profile.pruning.method
         amount = req.prune_amount if req.prune_amount is not None else req.profile.pruning.amount
+        self.report["prune"] = None
         if method == "none" or amount == 0:
-            self.report["prune"] = None
-            return
+            return False
         if model.kind != "torch":
-            self.report["prune"] = None
             self.warnings.append(f"pruning skipped: only PyTorch modules are pruned (input is {model.kind})")
-            return
+            return False
         from toolchain.passes import prune
 
         self.progress.step(f"pruning ({method}, {amount:.0%})")
-        pr = prune.run(model.module, method=method, amount=amount)
-        self.report["prune"] = {"method": pr.method, "amount": pr.amount, "global_sparsity": pr.global_sparsity,
-                                "layers": [dataclasses.asdict(layer) for layer in pr.layers]}
+        pr = prune.run(model.module, method=method, amount=amount)  # type: ignore[arg-type]
+        self.report["prune"] = {
+            "method": pr.method,
+            "amount": pr.amount,
+            "global_sparsity": pr.global_sparsity,
+            "layers": [dataclasses.asdict(layer) for layer in pr.layers],
+        }
+        return True
 
-    def datasets(self, inputs: tuple[TensorSpec, ...], spec: QuantizationSpec, preprocess: Preprocess) -> tuple[Any, Any]:
+    def prune_cost(self, reference: Path, pruned: Path, val: Any, ref_out: list[np.ndarray], task: str) -> None:
+        """Record what pruning alone costs: the pruned FP32 model against the unpruned reference."""
+        from toolchain import validate
+
+        if val is None or self.report.get("prune") is None:
+            return
+        with self.progress.bar("validating pruned FP32", len(val.samples)) as tick:
+            count = iter(range(1, len(val.samples) + 1))
+            out = validate.run_outputs(
+                pruned,
+                [s.feeds for s in val.samples],
+                self.options,
+                progress=lambda: tick(next(count)),
+            )
+        cmp = validate.compare(
+            ref_out,
+            out,
+            task=task,
+            labels=[s.label for s in val.samples],
+            sources=[s.source for s in val.samples],
+        )
+        self.report["prune"]["cost"] = dataclasses.asdict(cmp)
+
+    def datasets(
+        self, inputs: tuple[TensorSpec, ...], spec: QuantizationSpec, preprocess: Preprocess
+    ) -> tuple[Any, Any]:
         from toolchain.calibration import load_dataset
 
         req = self.req
         calib = None
         if req.calibration:
-            calib = load_dataset(req.calibration, inputs, preprocess, limit=spec.calibration_samples, role="calibration")
+            calib = load_dataset(
+                req.calibration,
+                inputs,
+                preprocess,
+                limit=spec.calibration_samples,
+                role="calibration",
+            )
         val = None
         if req.validation:
             val = load_dataset(req.validation, inputs, preprocess, limit=req.validation_limit, role="validation")
@@ -172,30 +228,48 @@ class _Build:
             spec = dataclasses.replace(spec, mode="none")
         out = self.work / "model.onnx"
         total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
-        label = {"static": "calibrating + quantizing", "dynamic": "quantizing (dynamic)", "fp16": "converting to FP16",
-                 "none": "keeping FP32"}[spec.mode]
+        label = {
+            "static": "calibrating + quantizing",
+            "dynamic": "quantizing (dynamic)",
+            "fp16": "converting to FP16",
+            "none": "keeping FP32",
+        }[spec.mode]
         self.progress.step(label)
         with self.progress.bar("calibration samples", total) if spec.mode == "static" and total else _nullbar() as tick:
             res = quantize.run(fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i))
         self.report["quantize"] = {
-            "precision": res.precision, "method": res.method, "per_channel": res.per_channel,
-            "calibration_method": res.calibration_method, "calibration_samples": res.calibration_samples,
-            "excluded_nodes": list(res.excluded_nodes), "notes": list(res.notes),
+            "precision": res.precision,
+            "method": res.method,
+            "per_channel": res.per_channel,
+            "calibration_method": res.calibration_method,
+            "calibration_samples": res.calibration_samples,
+            "excluded_nodes": list(res.excluded_nodes),
+            "notes": list(res.notes),
         }
         return out, res.precision
 
-    def validate(self, fp32: Path, cand: Path, val: Any, inputs: tuple[TensorSpec, ...]) -> tuple[Any, list[np.ndarray]]:
+    def validate(
+        self, fp32: Path, cand: Path, val: Any, inputs: tuple[TensorSpec, ...]
+    ) -> tuple[Any, list[np.ndarray]]:
         from toolchain import validate
 
         if val is not None:
             feeds = [s.feeds for s in val.samples]
             labels = [s.label for s in val.samples]
             sources = [s.source for s in val.samples]
-            self.report["validation_set"] = {"source": val.root, "samples": len(feeds), "labeled": val.labeled}
+            self.report["validation_set"] = {
+                "source": val.root,
+                "samples": len(feeds),
+                "labeled": val.labeled,
+            }
         else:
             feeds = _random_samples(inputs, 32)
             labels, sources = [None] * len(feeds), [f"random[{i}]" for i in range(len(feeds))]
-            self.report["validation_set"] = {"source": "random inputs", "samples": len(feeds), "labeled": False}
+            self.report["validation_set"] = {
+                "source": "random inputs",
+                "samples": len(feeds),
+                "labeled": False,
+            }
             self.warnings.append("no --validation or --calibration set: compared on random inputs (agreement only)")
         with self.progress.bar("validating reference", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
@@ -262,24 +336,37 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-build-"))
     try:
         b = _Build(req, progress, work)
-        model, exported = b.load_and_export()
+        model, exported, source = b.load_and_export()
         name = req.name or model.name
         spec = _quant_spec(req)
         inputs, outputs = exported.inputs, exported.outputs
         preprocess = req.preprocess or default_preprocess(inputs[0])
         calib, val = b.datasets(inputs, spec, preprocess)
-        cand, precision = b.quantize(model.kind, exported.path, spec, calib)
+        cand, precision = b.quantize(model.kind, source.path, spec, calib)
         cmp, ref_out = b.validate(exported.path, cand, val, inputs)
+        if source is not exported:
+            b.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
         ref_bench, cand_bench = b.bench(exported.path, cand)
         ref_size, cand_size = exported.path.stat().st_size, cand.stat().st_size
-        b.report["size"] = {"reference_bytes": ref_size, "candidate_bytes": cand_size, "ratio": cand_size / ref_size}
+        b.report["size"] = {
+            "reference_bytes": ref_size,
+            "candidate_bytes": cand_size,
+            "ratio": cand_size / ref_size,
+        }
         if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
             if cand_bench.p50_ms > ref_bench.p50_ms and cand_size > 0.9 * ref_size:
                 b.warnings.append("the INT8 model is slower than FP32 on this host and no smaller")
             elif cand_bench.p50_ms > 1.1 * ref_bench.p50_ms:
-                b.warnings.append(f"INT8 runs slower than FP32 on this host ({cand_bench.p50_ms:.2f} vs {ref_bench.p50_ms:.2f} ms p50)")
-        gate = validate.judge(req.profile, cmp, size_mb=cand_size / 2**20,
-                              latency_p95_ms=cand_bench.p95_ms if cand_bench else None)
+                b.warnings.append(
+                    f"INT8 runs slower than FP32 on this host "
+                    f"({cand_bench.p50_ms:.2f} vs {ref_bench.p50_ms:.2f} ms p50)"
+                )
+        gate = validate.judge(
+            req.profile,
+            cmp,
+            size_mb=cand_size / 2**20,
+            latency_p95_ms=cand_bench.p95_ms if cand_bench else None,
+        )
         b.report["gate"] = gate.to_dict()
         labels = req.labels or (val.label_names if val is not None else ())
         postprocess = _postprocess(cmp.task, ref_out, tuple(labels))
@@ -290,20 +377,35 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
             b.report["bundle"] = None
             report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
             failed = ", ".join(f"{c.name} {c.value} (limit {c.limit})" for c in gate.failures())
-            raise GateError(f"validation gate failed for profile {req.profile.name}: {failed}; "
-                            f"report: {report_path} (--allow-gate-failure packs it anyway)", report=b.report)
+            raise GateError(
+                f"validation gate failed for profile {req.profile.name}: {failed}; "
+                f"report: {report_path} (--allow-gate-failure packs it anyway)",
+                report=b.report,
+            )
         if not gate.passed:
             b.warnings.append("GATE FAILED and was overridden with --allow-gate-failure")
         progress.step("signing and packing the bundle")
         manifest = Manifest(
-            name=name, version=req.version, parent_version=req.parent_version, created=_created(),
+            name=name,
+            version=req.version,
+            parent_version=req.parent_version,
+            created=_created(),
             profile=ProfileRef(name=req.profile.name, digest=req.profile.digest, arch=req.profile.arch),
-            backend="onnxruntime", model="model.onnx",
+            backend="onnxruntime",
+            model="model.onnx",
             files=(bundle_mod.file_entry(cand, "model.onnx", role="model"),),
-            inputs=inputs, outputs=outputs, precision=precision, task=_manifest_task(cmp.task),
-            preprocess=preprocess, postprocess=postprocess,
-            validation={"gate": gate.to_dict(), "metrics": b.report["validation"], "size": b.report["size"],
-                        "validation_set": b.report["validation_set"]},
+            inputs=inputs,
+            outputs=outputs,
+            precision=precision,
+            task=_manifest_task(cmp.task),
+            preprocess=preprocess,
+            postprocess=postprocess,
+            validation={
+                "gate": gate.to_dict(),
+                "metrics": b.report["validation"],
+                "size": b.report["size"],
+                "validation_set": b.report["validation_set"],
+            },
             toolchain_version=__version__,
         )
         key = _load_key(req.key)

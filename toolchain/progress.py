@@ -48,13 +48,25 @@ class RichProgress:
     @contextlib.contextmanager
     def bar(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         """A live bar when interactive; a start/end line otherwise."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         if not self.console.is_terminal:
             self.console.print(f"  {description} ({total})…")
             yield lambda done: None
             return
-        with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=self.console, transient=False) as prog:
+        with Progress(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        ) as prog:
             task = prog.add_task(description, total=total)
             yield lambda done: prog.update(task, completed=done)

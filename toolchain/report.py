@@ -12,7 +12,10 @@ __all__ = ["print_build", "print_inspect", "print_profile", "print_profiles"]
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    con = Console()
+    if not con.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        con = Console(width=140)
+    return con
 
 
 def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
@@ -36,25 +39,60 @@ def print_build(report: dict[str, Any]) -> None:
     bench = report.get("benchmark") or {}
     val = report.get("validation", {})
     ref_b, cand_b = bench.get("reference") or {}, bench.get("candidate") or {}
-    t = Table(title=f"{report.get('name')} {report.get('version')} for {report.get('profile')} — FP32 reference vs {report.get('precision')} candidate")
+    t = Table(
+        title=f"{report.get('name')} {report.get('version')} for {report.get('profile')} — "
+        f"FP32 reference vs {report.get('precision')} candidate"
+    )
     t.add_column("")
     t.add_column("reference (FP32)", justify="right")
     t.add_column("candidate", justify="right")
     t.add_column("ratio", justify="right")
     rs, cs = size.get("reference_bytes"), size.get("candidate_bytes")
-    t.add_row("model size", _fmt(rs / 1024 if rs else None, " KiB", 1), _fmt(cs / 1024 if cs else None, " KiB", 1),
-              _fmt(size.get("ratio"), "×"))
+    t.add_row(
+        "model size",
+        _fmt(rs / 1024 if rs else None, " KiB", 1),
+        _fmt(cs / 1024 if cs else None, " KiB", 1),
+        _fmt(size.get("ratio"), "×"),
+    )
     if bench:
-        t.add_row("host latency p50", _fmt(ref_b.get("p50_ms"), " ms", 3), _fmt(cand_b.get("p50_ms"), " ms", 3),
-                  _fmt(bench.get("latency_ratio"), "×"))
-        t.add_row("host latency p95", _fmt(ref_b.get("p95_ms"), " ms", 3), _fmt(cand_b.get("p95_ms"), " ms", 3), "")
-        t.add_row("host throughput", _fmt(ref_b.get("throughput_per_s"), "/s", 1), _fmt(cand_b.get("throughput_per_s"), "/s", 1), "")
-        t.add_row("host peak memory", _fmt(ref_b.get("peak_rss_mb"), " MiB", 1), _fmt(cand_b.get("peak_rss_mb"), " MiB", 1), "")
+        t.add_row(
+            "host latency p50",
+            _fmt(ref_b.get("p50_ms"), " ms", 3),
+            _fmt(cand_b.get("p50_ms"), " ms", 3),
+            _fmt(bench.get("latency_ratio"), "×"),
+        )
+        t.add_row(
+            "host latency p95",
+            _fmt(ref_b.get("p95_ms"), " ms", 3),
+            _fmt(cand_b.get("p95_ms"), " ms", 3),
+            "",
+        )
+        t.add_row(
+            "host throughput",
+            _fmt(ref_b.get("throughput_per_s"), "/s", 1),
+            _fmt(cand_b.get("throughput_per_s"), "/s", 1),
+            "",
+        )
+        t.add_row(
+            "host peak memory",
+            _fmt(ref_b.get("peak_rss_mb"), " MiB", 1),
+            _fmt(cand_b.get("peak_rss_mb"), " MiB", 1),
+            "",
+        )
     if val.get("reference_accuracy") is not None:
-        t.add_row("top-1 accuracy", _fmt(val["reference_accuracy"], " %"), _fmt(val["candidate_accuracy"], " %"),
-                  f"{-val['accuracy_drop']:+.2f} pts")
+        t.add_row(
+            "top-1 accuracy",
+            _fmt(val["reference_accuracy"], " %"),
+            _fmt(val["candidate_accuracy"], " %"),
+            f"{-val['accuracy_drop']:+.2f} pts",
+        )
     t.add_row(f"agreement ({val.get('task')})", "1.00", _fmt(val.get("agreement"), digits=4), "")
-    t.add_row("cosine (mean / min)", "", f"{_fmt(val.get('cosine_mean'), digits=4)} / {_fmt(val.get('cosine_min'), digits=4)}", "")
+    t.add_row(
+        "cosine (mean / min)",
+        "",
+        f"{_fmt(val.get('cosine_mean'), digits=4)} / {_fmt(val.get('cosine_min'), digits=4)}",
+        "",
+    )
     t.add_row("max |diff|", "", _fmt(val.get("max_abs_diff"), digits=5), "")
     con.print(t)
     if bench:
@@ -78,14 +116,31 @@ def print_profiles(profiles: list[DeviceProfile]) -> None:
     from rich.table import Table
 
     t = Table(title="device profiles")
-    for col in ("name", "arch", "cores", "threads", "memory", "accelerator", "backend", "quantization", "description"):
-        t.add_column(col)
+    for col in (
+        "name",
+        "arch",
+        "cores",
+        "threads",
+        "memory",
+        "accelerator",
+        "backend",
+        "quantization",
+    ):
+        t.add_column(col, no_wrap=True)
     for p in profiles:
         cores = " + ".join(f"{len(c.cores)}×{c.model}" for c in p.cpu.cluster)
         q = p.quantization
         quant = q.mode if q.mode != "static" else f"static {'S8S8' if q.activation_type == 'int8' else 'U8S8'}"
-        t.add_row(p.name, p.arch, cores, str(p.cpu.inference_threads), f"{p.memory_mb} MB", p.accelerator,
-                  p.backend, quant, p.description)
+        t.add_row(
+            p.name,
+            p.arch,
+            cores,
+            str(p.cpu.inference_threads),
+            f"{p.memory_mb} MB",
+            p.accelerator,
+            p.backend,
+            quant,
+        )
     _console().print(t)
 
 
@@ -105,10 +160,22 @@ def print_inspect(info: dict[str, Any]) -> None:
     t = Table(title=f"bundle {info.get('path')}", show_header=False)
     t.add_column("field")
     t.add_column("value")
-    for k in ("name", "version", "parent_version", "created", "backend", "precision", "task", "toolchain_version"):
+    for k in (
+        "name",
+        "version",
+        "parent_version",
+        "created",
+        "backend",
+        "precision",
+        "task",
+        "toolchain_version",
+    ):
         t.add_row(k, _fmt(m.get(k)))
     prof = m.get("profile", {})
-    t.add_row("profile", f"{prof.get('name')} ({prof.get('arch')}, digest {str(prof.get('digest'))[:12]}…)")
+    t.add_row(
+        "profile",
+        f"{prof.get('name')} ({prof.get('arch')}, digest {str(prof.get('digest'))[:12]}…)",
+    )
     for io in ("inputs", "outputs"):
         t.add_row(io, ", ".join(f"{s['name']} {s['dtype']}{list(s['shape'])}" for s in m.get(io, [])))
     sig = info.get("signature") or {}

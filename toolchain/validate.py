@@ -28,7 +28,9 @@ class Comparison:
     reference_accuracy: float | None  # top-1 %, when labels are known
     candidate_accuracy: float | None
     accuracy_drop: float | None  # percentage points
-    agreement: float  # top-1 agreement (classification), mean IoU of thresholded maps (dense), else share with cosine >= 0.99
+    agreement: (
+        float  # top-1 agreement (classification), mean IoU of thresholded maps (dense), else share with cosine >= 0.99
+    )
     agreement_min: float  # worst single sample (IoU for dense; 0/1 for classification)
     cosine_mean: float
     cosine_min: float
@@ -94,8 +96,12 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
 
 
-def run_outputs(model: Path, feeds: Sequence[dict[str, np.ndarray]], options: EngineOptions,
-                progress: Callable[[], None] | None = None) -> list[np.ndarray]:
+def run_outputs(
+    model: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    options: EngineOptions,
+    progress: Callable[[], None] | None = None,
+) -> list[np.ndarray]:
     """First output of ``model`` for every feed, through the runtime's engine."""
     engine = open_engine(model, options=options)
     try:
@@ -109,27 +115,34 @@ def run_outputs(model: Path, feeds: Sequence[dict[str, np.ndarray]], options: En
         engine.close()
 
 
-def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], *, task: str,
-            labels: Sequence[int | None], sources: Sequence[str]) -> Comparison:
+def compare(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    *,
+    task: str,
+    labels: Sequence[int | None],
+    sources: Sequence[str],
+) -> Comparison:
     """Metrics of ``candidate`` against ``reference`` (and labels when every sample has one)."""
     n = len(reference)
-    cos = [_cosine(r, c) for r, c in zip(reference, candidate)]
-    diff = max((float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) for r, c in zip(reference, candidate)), default=0.0)
+    cos = [_cosine(r, c) for r, c in zip(reference, candidate, strict=False)]
+    pairs = list(zip(reference, candidate, strict=True))
+    diff = max((float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) for r, c in pairs), default=0.0)
     labeled = n > 0 and all(lab is not None for lab in labels)
     ref_acc = cand_acc = drop = None
     if task == "classification":
         rtop = [int(np.argmax(r.reshape(-1))) for r in reference]
         ctop = [int(np.argmax(c.reshape(-1))) for c in candidate]
-        scores = [1.0 if a == b else 0.0 for a, b in zip(rtop, ctop)]
+        scores = [1.0 if a == b else 0.0 for a, b in zip(rtop, ctop, strict=False)]
         if labeled:
-            ref_acc = 100.0 * float(np.mean([a == lab for a, lab in zip(rtop, labels)]))
-            cand_acc = 100.0 * float(np.mean([b == lab for b, lab in zip(ctop, labels)]))
+            ref_acc = 100.0 * float(np.mean([a == lab for a, lab in zip(rtop, labels, strict=False)]))
+            cand_acc = 100.0 * float(np.mean([b == lab for b, lab in zip(ctop, labels, strict=False)]))
             drop = ref_acc - cand_acc
     elif task == "dense":
-        scores = [_iou(r, c) for r, c in zip(reference, candidate)]
+        scores = [_iou(r, c) for r, c in zip(reference, candidate, strict=False)]
     else:
         scores = [1.0 if c >= 0.99 else 0.0 for c in cos]
-    worst = sorted(zip(sources, scores if task == "dense" else cos), key=lambda t: t[1])[:5]
+    worst = sorted(zip(sources, scores if task == "dense" else cos, strict=False), key=lambda t: t[1])[:5]
     return Comparison(
         task=task,
         samples=n,
@@ -153,27 +166,71 @@ def host_matches(profile: DeviceProfile) -> bool:
     return aliases.get(machine, machine) == profile.arch
 
 
-def judge(profile: DeviceProfile, cmp: Comparison | None, *, size_mb: float, latency_p95_ms: float | None) -> GateResult:
+def judge(
+    profile: DeviceProfile, cmp: Comparison | None, *, size_mb: float, latency_p95_ms: float | None
+) -> GateResult:
     """Apply the profile's budgets to the comparison, the model size and the host latency."""
     b = profile.budgets
     checks = [GateCheck("model_size_mb", round(size_mb, 3), b.max_model_mb, size_mb <= b.max_model_mb)]
     if cmp is not None:
         if cmp.accuracy_drop is not None:
-            checks.append(GateCheck("accuracy_drop_points", round(cmp.accuracy_drop, 3), b.max_accuracy_drop,
-                                    cmp.accuracy_drop <= b.max_accuracy_drop))
+            checks.append(
+                GateCheck(
+                    "accuracy_drop_points",
+                    round(cmp.accuracy_drop, 3),
+                    b.max_accuracy_drop,
+                    cmp.accuracy_drop <= b.max_accuracy_drop,
+                )
+            )
         else:
-            checks.append(GateCheck("accuracy_drop_points", None, b.max_accuracy_drop, None,
-                                    "no labels in the validation set (use class sub-folders)"))
+            checks.append(
+                GateCheck(
+                    "accuracy_drop_points",
+                    None,
+                    b.max_accuracy_drop,
+                    None,
+                    "no labels in the validation set (use class sub-folders)",
+                )
+            )
         if cmp.task in ("classification", "dense"):
-            checks.append(GateCheck("agreement", round(cmp.agreement, 4), b.min_agreement, cmp.agreement >= b.min_agreement,
-                                    "top-1 agreement" if cmp.task == "classification" else f"mean IoU at {DENSE_THRESHOLD}"))
+            checks.append(
+                GateCheck(
+                    "agreement",
+                    round(cmp.agreement, 4),
+                    b.min_agreement,
+                    cmp.agreement >= b.min_agreement,
+                    "top-1 agreement" if cmp.task == "classification" else f"mean IoU at {DENSE_THRESHOLD}",
+                )
+            )
         else:
-            checks.append(GateCheck("cosine_mean", round(cmp.cosine_mean, 5), b.min_cosine, cmp.cosine_mean >= b.min_cosine))
+            checks.append(
+                GateCheck(
+                    "cosine_mean",
+                    round(cmp.cosine_mean, 5),
+                    b.min_cosine,
+                    cmp.cosine_mean >= b.min_cosine,
+                )
+            )
     if latency_p95_ms is None:
         checks.append(GateCheck("latency_ms_p95", None, b.latency_ms_p95, None, "not benchmarked"))
     elif host_matches(profile):
-        checks.append(GateCheck("latency_ms_p95", round(latency_p95_ms, 3), b.latency_ms_p95, latency_p95_ms <= b.latency_ms_p95, "host = target arch"))
+        checks.append(
+            GateCheck(
+                "latency_ms_p95",
+                round(latency_p95_ms, 3),
+                b.latency_ms_p95,
+                latency_p95_ms <= b.latency_ms_p95,
+                "host = target arch",
+            )
+        )
     else:
-        checks.append(GateCheck("latency_ms_p95", round(latency_p95_ms, 3), b.latency_ms_p95, None,
-                                f"host is {platform.machine()}, target {profile.arch}: measure on the device with `edge-runtime bench`"))
+        checks.append(
+            GateCheck(
+                "latency_ms_p95",
+                round(latency_p95_ms, 3),
+                b.latency_ms_p95,
+                None,
+                f"host is {platform.machine()}, target {profile.arch}: measure on the device with `edge-runtime bench`",
+            )
+        )
     return GateResult(tuple(checks))

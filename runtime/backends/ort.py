@@ -85,9 +85,7 @@ class OrtEngine:
             # onnxruntime pins the intra-op pool's extra threads; the calling thread is the first.
             pins = options.pin_cores[1 : options.intra_op_threads]
             if len(pins) == options.intra_op_threads - 1:
-                so.add_session_config_entry(
-                    "session.intra_op_thread_affinities", ";".join(str(c + 1) for c in pins)
-                )
+                so.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in pins))
         if options.deterministic:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if options.cache_dir is not None:

@@ -89,9 +89,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> P
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(
-    tmp_path_factory: pytest.TempPathFactory, packed: Path, keys: dict[str, Path]
-) -> Path:
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory, packed: Path, keys: dict[str, Path]) -> Path:
     """The same bundle as a directory (read-only; copy before tampering)."""
     dest = tmp_path_factory.mktemp("dirbundle") / "tiny"
     open_bundle(packed, trusted_keys=[load_public_key(keys["pub"])], dest=dest)
@@ -247,9 +245,7 @@ def test_pack_is_reproducible(tmp_path: Path, keys: dict[str, Path], packed: Pat
     assert not list(tmp_path.glob(".*.tmp")), "no temporary files left behind"
 
 
-def test_source_date_epoch_sets_mtime(
-    tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_source_date_epoch_sets_mtime(tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     files = _sources(tmp_path / "src")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     out = tb.pack(files, _manifest(files), keys["priv"], tmp_path / "b.tar")
@@ -261,18 +257,14 @@ def test_source_date_epoch_sets_mtime(
     assert not (tmp_path / "c.tar").exists()
 
 
-def test_pack_refuses_files_that_do_not_match_the_manifest(
-    tmp_path: Path, keys: dict[str, Path]
-) -> None:
+def test_pack_refuses_files_that_do_not_match_the_manifest(tmp_path: Path, keys: dict[str, Path]) -> None:
     files = _sources(tmp_path / "src")
     manifest = _manifest(files)
     files["model.onnx"].write_bytes(MODEL_BYTES[:-1] + b"!")
     with pytest.raises(IntegrityError, match=r"model\.onnx .*does not match its manifest entry"):
         tb.pack(files, manifest, keys["priv"], tmp_path / "x.tar")
     with pytest.raises(IntegrityError, match=r"extra\.bin is not listed"):
-        tb.pack(
-            {**files, "extra.bin": files["model.onnx"]}, manifest, keys["priv"], tmp_path / "x.tar"
-        )
+        tb.pack({**files, "extra.bin": files["model.onnx"]}, manifest, keys["priv"], tmp_path / "x.tar")
     with pytest.raises(IntegrityError, match=r"meta/labels\.txt is listed .* no file was given"):
         tb.pack({"model.onnx": files["model.onnx"]}, manifest, keys["priv"], tmp_path / "x.tar")
     with pytest.raises(ManifestError, match="version"):
@@ -280,9 +272,7 @@ def test_pack_refuses_files_that_do_not_match_the_manifest(
     assert not (tmp_path / "x.tar").exists()
 
 
-def test_sign_bundle_resigns_tar_in_place_reproducibly(
-    tmp_path: Path, packed: Path, keys: dict[str, Path]
-) -> None:
+def test_sign_bundle_resigns_tar_in_place_reproducibly(tmp_path: Path, packed: Path, keys: dict[str, Path]) -> None:
     target = tmp_path / "b.tar"
     shutil.copyfile(packed, target)
     tb.sign_bundle(target, keys["other_priv"])
@@ -299,9 +289,7 @@ def test_sign_bundle_directory_and_refuses_inconsistent_bundle(
 ) -> None:
     d = _copy_dir(bundle_dir, tmp_path / "d")
     tb.sign_bundle(d, keys["other_priv"])
-    assert tb.verify_bundle(d, [keys["other_pub"]]).key_id == key_id(
-        load_public_key(keys["other_pub"])
-    )
+    assert tb.verify_bundle(d, [keys["other_pub"]]).key_id == key_id(load_public_key(keys["other_pub"]))
     (d / "model.onnx").write_bytes(b"different")
     with pytest.raises(IntegrityError, match=r"model\.onnx"):
         tb.sign_bundle(d, keys["priv"])
@@ -348,9 +336,7 @@ def _flip_member_byte(tar_path: Path, member: str) -> None:
     tar_path.write_bytes(bytes(data))
 
 
-def test_flipped_model_byte_in_tar_is_integrity_error(
-    tmp_path: Path, packed: Path, pub: list
-) -> None:
+def test_flipped_model_byte_in_tar_is_integrity_error(tmp_path: Path, packed: Path, pub: list) -> None:
     target = tmp_path / "t.tar"
     shutil.copyfile(packed, target)
     _flip_member_byte(target, "model.onnx")
@@ -484,9 +470,7 @@ def test_compressed_or_garbage_file_is_bundle_error(tmp_path: Path, pub: list) -
 # ---------------------------------------------------------------- directory bundles
 
 
-def test_directory_bundle_works_like_a_tar(
-    tmp_path: Path, bundle_dir: Path, packed: Path, pub: list
-) -> None:
+def test_directory_bundle_works_like_a_tar(tmp_path: Path, bundle_dir: Path, packed: Path, pub: list) -> None:
     in_place = open_bundle(bundle_dir, trusted_keys=pub)
     assert in_place.root == bundle_dir and not in_place.temporary
     with open_bundle(packed, trusted_keys=pub) as from_tar:
@@ -509,9 +493,7 @@ def test_tar_made_by_ordinary_tools_opens(tmp_path: Path, bundle_dir: Path, pub:
     assert tb.inspect_bundle(out)["unlisted"] == []
 
 
-def test_directory_bundle_refuses_symlinks_and_fifos(
-    tmp_path: Path, bundle_dir: Path, pub: list
-) -> None:
+def test_directory_bundle_refuses_symlinks_and_fifos(tmp_path: Path, bundle_dir: Path, pub: list) -> None:
     d = _copy_dir(bundle_dir, tmp_path / "d")
     (d / "model.onnx").unlink()
     (d / "model.onnx").symlink_to(bundle_dir / "model.onnx")
@@ -533,9 +515,7 @@ def fuzz_base(bundle_dir: Path, keys: dict[str, Path]) -> tuple[Path, Ed25519Pri
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=16,
 )
 

@@ -175,9 +175,7 @@ def test_user_reader_of_feed_dicts(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     mod = _write_reader(
         tmp_path,
         "my_reader_dicts",
-        "def samples():\n"
-        "    for i in range(4):\n"
-        "        yield {'x': np.full(4, i, dtype=np.float32)}\n",
+        "def samples():\n    for i in range(4):\n        yield {'x': np.full(4, i, dtype=np.float32)}\n",
         monkeypatch,
     )
     ds = load_dataset(f"{mod}:samples", VECTOR_IN, TENSOR)
@@ -186,9 +184,7 @@ def test_user_reader_of_feed_dicts(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not ds.labeled
 
 
-def test_user_reader_of_labeled_tuples_with_limit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_user_reader_of_labeled_tuples_with_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _write_reader(
         tmp_path,
         "my_reader_tuples",
@@ -352,9 +348,7 @@ def test_npy_for_a_multi_input_model(tmp_path: Path) -> None:
         (np.array([0, 1, 5]), {"label_names": np.array(["a", "b"])}, "class index 5"),
     ],
 )
-def test_npz_inconsistent_labels(
-    tmp_path: Path, labels: np.ndarray, extra: dict[str, np.ndarray], needle: str
-) -> None:
+def test_npz_inconsistent_labels(tmp_path: Path, labels: np.ndarray, extra: dict[str, np.ndarray], needle: str) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, x=np.zeros((3, 4), np.float32), labels=labels, **extra)
     err = _error(path)
@@ -384,9 +378,7 @@ def test_reader_import_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert isinstance(err.__cause__, SyntaxError)
 
 
-def test_reader_missing_function_and_bad_items(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reader_missing_function_and_bad_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _write_reader(
         tmp_path,
         "my_reader_bad",

@@ -9,7 +9,16 @@ import sys
 import runtime
 from tests.conftest import REPO
 
-FORBIDDEN = ("torch", "onnx", "toolchain", "onnxruntime.quantization", "pydantic", "requests", "onnxscript", "onnxslim")
+FORBIDDEN = (
+    "torch",
+    "onnx",
+    "toolchain",
+    "onnxruntime.quantization",
+    "pydantic",
+    "requests",
+    "onnxscript",
+    "onnxslim",
+)
 
 
 def test_runtime_modules_never_import_host_frameworks() -> None:

@@ -56,12 +56,8 @@ BOARDS = {
     "rpi3": Board("aarch64", 1024, 4, (0, 1, 2, 3), 4, 1200, "none", "boards/rpi3/"),
     "rpi4": Board("aarch64", 4096, 4, (0, 1, 2, 3), 4, 1500, "none", "boards/rpi4/"),
     "rpi5": Board("aarch64", 8192, 4, (0, 1, 2, 3), 4, 2400, "none", "boards/rpi5/"),
-    "jetson-nano": Board(
-        "aarch64", 4096, 4, (0, 1, 2, 3), 4, 1479, "tensorrt", "boards/jetson_nano/"
-    ),
-    "jetson-orin-nano": Board(
-        "aarch64", 8192, 6, (0, 1, 2, 3), 4, 1510, "tensorrt", "boards/jetson_orin/"
-    ),
+    "jetson-nano": Board("aarch64", 4096, 4, (0, 1, 2, 3), 4, 1479, "tensorrt", "boards/jetson_nano/"),
+    "jetson-orin-nano": Board("aarch64", 8192, 6, (0, 1, 2, 3), 4, 1510, "tensorrt", "boards/jetson_orin/"),
     "generic-arm64": Board("aarch64", 1024, 4, (0, 1, 2, 3), 4, 0, "none", "boards/"),
     "x86-64": Board("x86_64", 16384, 4, (0, 1, 2, 3), 4, 0, "none", None),
 }
@@ -274,9 +270,7 @@ def test_user_profile_by_path_gets_defaults_and_its_big_cluster(tmp_path: Path) 
     assert load_profile(str(path)) == profile
 
 
-def test_relative_path_errors_name_the_file_as_given(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_path_errors_name_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, "lab.toml", LAB_BOARD.replace("memory_mb = 4096", "memory_mb = 4.5"))
     with pytest.raises(ProfileError) as info:
@@ -284,9 +278,7 @@ def test_relative_path_errors_name_the_file_as_given(
     assert str(info.value) == "lab.toml: memory_mb: expected int, got 4.5"
 
 
-def test_a_name_is_never_shadowed_by_the_working_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_name_is_never_shadowed_by_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rpi4").mkdir()
     _write(tmp_path, "rpi5", "garbage")
@@ -297,9 +289,7 @@ def test_a_name_is_never_shadowed_by_the_working_directory(
 # ---------------------------------------------------------------- errors
 
 
-def test_wrong_type_names_file_key_expected_type_and_value(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wrong_type_names_file_key_expected_type_and_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, "rpi5.toml", _shipped_text("rpi5").replace("threads = 0", 'threads = "four"'))
     with pytest.raises(ProfileError) as info:
@@ -368,9 +358,7 @@ def test_profile_error_is_a_config_error_with_exit_code_2(tmp_path: Path) -> Non
         ("[[cpu.cluster]]", "[cpu.cluster]", "cpu.cluster", "expected list"),
     ],
 )
-def test_bad_value_names_file_and_dotted_key(
-    tmp_path: Path, old: str, new: str, key: str, words: str
-) -> None:
+def test_bad_value_names_file_and_dotted_key(tmp_path: Path, old: str, new: str, key: str, words: str) -> None:
     with pytest.raises(ProfileError) as info:
         _load_edited(tmp_path, old, new)
     message = str(info.value)
@@ -383,9 +371,7 @@ def test_bad_value_names_file_and_dotted_key(
     ("raw", "shown"),
     [('"" = 1', '""'), ('"a b" = 1', '"a b"'), ('"cpu.threads" = 1', '"cpu.threads"')],
 )
-def test_odd_unknown_keys_are_quoted_as_toml_writes_them(
-    tmp_path: Path, raw: str, shown: str
-) -> None:
+def test_odd_unknown_keys_are_quoted_as_toml_writes_them(tmp_path: Path, raw: str, shown: str) -> None:
     with pytest.raises(ProfileError) as info:
         _load_edited(tmp_path, 'name = "rpi5"', f'name = "rpi5"\n{raw}')
     assert info.value.key == shown
@@ -557,9 +543,7 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 SHIPPED_LINES = sorted({line for n in BOARDS for line in _shipped_text(n).splitlines()})
-TOMLISH = st.lists(st.sampled_from(SHIPPED_LINES) | st.text(max_size=15), max_size=60).map(
-    "\n".join
-)
+TOMLISH = st.lists(st.sampled_from(SHIPPED_LINES) | st.text(max_size=15), max_size=60).map("\n".join)
 
 
 def _load_or_profile_error(path: Path) -> None:
@@ -573,9 +557,7 @@ def _load_or_profile_error(path: Path) -> None:
 
 @FUZZ
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode) | TOMLISH.map(str.encode))
-def test_arbitrary_file_contents_give_a_profile_or_a_profile_error(
-    fuzz_dir: Path, content: bytes
-) -> None:
+def test_arbitrary_file_contents_give_a_profile_or_a_profile_error(fuzz_dir: Path, content: bytes) -> None:
     path = fuzz_dir / "fuzz.toml"
     path.write_bytes(content)
     _load_or_profile_error(path)

@@ -64,9 +64,7 @@ def _cnn(opset: int = 17) -> onnx.ModelProto:
 
 def _samples(count: int, seed: int) -> tuple[Sample, ...]:
     rng = np.random.default_rng(seed)
-    return tuple(
-        Sample({"x": rng.random(SHAPE, dtype=np.float32)}, None, f"mem[{i}]") for i in range(count)
-    )
+    return tuple(Sample({"x": rng.random(SHAPE, dtype=np.float32)}, None, f"mem[{i}]") for i in range(count))
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +119,7 @@ def test_static_per_channel_qdq(
     assert qdq >= 8
     # weights are per-channel: a DequantizeLinear with a vector scale on each conv weight
     inits = {i.name: i for i in model.graph.initializer}
-    weight_dq = [
-        n
-        for n in model.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0].startswith("w2")
-    ]
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w2")]
     assert weight_dq and list(inits[weight_dq[0].input[1]].dims) == [128]
     activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert {inits[n.input[2]].data_type for n in activation_q} == {zero_point_type}
@@ -134,9 +128,7 @@ def test_static_per_channel_qdq(
 
 
 def test_dynamic(fp32: Path, tmp_path: Path) -> None:
-    res = quantize.run(
-        fp32, tmp_path / "d.onnx", QuantizationSpec(mode="dynamic"), calibration=None
-    )
+    res = quantize.run(fp32, tmp_path / "d.onnx", QuantizationSpec(mode="dynamic"), calibration=None)
     assert (res.precision, res.method, res.calibration_method) == ("int8-dynamic", "dynamic", None)
     assert res.calibration_samples == 0
     ops = _ops(res.path)
@@ -169,9 +161,7 @@ def test_none_copies_the_model(fp32: Path, tmp_path: Path) -> None:
     assert res.path.read_bytes() == fp32.read_bytes()
 
 
-def test_static_output_is_byte_identical_across_runs(
-    fp32: Path, calib: Dataset, tmp_path: Path
-) -> None:
+def test_static_output_is_byte_identical_across_runs(fp32: Path, calib: Dataset, tmp_path: Path) -> None:
     spec = QuantizationSpec()
     a = quantize.run(fp32, tmp_path / "a" / "q.onnx", spec, calibration=calib)
     b = quantize.run(fp32, tmp_path / "b" / "other-name.onnx", spec, calibration=calib)
@@ -179,9 +169,7 @@ def test_static_output_is_byte_identical_across_runs(
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["q.onnx"]  # no temp files left
 
 
-def test_static_output_is_byte_identical_across_processes(
-    fp32: Path, calib: Dataset, tmp_path: Path
-) -> None:
+def test_static_output_is_byte_identical_across_processes(fp32: Path, calib: Dataset, tmp_path: Path) -> None:
     """A different PYTHONHASHSEED changes set order; the model must not depend on it.
 
     The child also checks ORT prints nothing and leaves the root logger unconfigured.
@@ -224,9 +212,7 @@ def test_static_output_is_byte_identical_across_processes(
 def test_opset_12_is_upgraded_for_per_channel(calib: Dataset, tmp_path: Path) -> None:
     old = tmp_path / "opset12.onnx"
     onnx.save(_cnn(opset=12), str(old))
-    res = quantize.run(
-        old, tmp_path / "q.onnx", QuantizationSpec(per_channel=True), calibration=calib
-    )
+    res = quantize.run(old, tmp_path / "q.onnx", QuantizationSpec(per_channel=True), calibration=calib)
     assert any("opset 12 upgraded to 13" in n for n in res.notes)
     model = onnx.load(str(res.path))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {13}
@@ -237,9 +223,7 @@ def test_opset_12_is_upgraded_for_per_channel(calib: Dataset, tmp_path: Path) ->
 def test_opset_12_per_tensor_is_left_alone(calib: Dataset, tmp_path: Path) -> None:
     old = tmp_path / "opset12.onnx"
     onnx.save(_cnn(opset=12), str(old))
-    res = quantize.run(
-        old, tmp_path / "q.onnx", QuantizationSpec(per_channel=False), calibration=calib
-    )
+    res = quantize.run(old, tmp_path / "q.onnx", QuantizationSpec(per_channel=False), calibration=calib)
     assert not any("upgraded" in n for n in res.notes) and res.per_channel is False
     model = onnx.load(str(res.path))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {12}
@@ -247,9 +231,7 @@ def test_opset_12_per_tensor_is_left_alone(calib: Dataset, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("calibration", [None, Dataset("calib", (), ())])
-def test_static_without_calibration_is_a_usage_error(
-    fp32: Path, tmp_path: Path, calibration: Dataset | None
-) -> None:
+def test_static_without_calibration_is_a_usage_error(fp32: Path, tmp_path: Path, calibration: Dataset | None) -> None:
     with pytest.raises(UsageError) as info:
         quantize.run(fp32, tmp_path / "q.onnx", QuantizationSpec(), calibration=calibration)
     assert "--calibration" in str(info.value) and "dynamic" in str(info.value)
@@ -287,9 +269,7 @@ def test_calibration_prints_stay_off_stdout(
     assert "histogram" not in err
 
 
-def test_ort_warnings_become_notes_without_configuring_logging(
-    fp32: Path, calib: Dataset, tmp_path: Path
-) -> None:
+def test_ort_warnings_become_notes_without_configuring_logging(fp32: Path, calib: Dataset, tmp_path: Path) -> None:
     root = logging.getLogger()
     before = list(root.handlers)
     spec = QuantizationSpec(format="qoperator", calibration_samples=4)
@@ -316,9 +296,7 @@ def test_nodes_to_exclude(fp32: Path, calib: Dataset, tmp_path: Path) -> None:
 
 
 def test_calibration_feeds_must_match_model_inputs(fp32: Path, tmp_path: Path) -> None:
-    wrong = Dataset(
-        "calib_dir", (Sample({"image": np.zeros(SHAPE, np.float32)}, None, "a.npy"),), ()
-    )
+    wrong = Dataset("calib_dir", (Sample({"image": np.zeros(SHAPE, np.float32)}, None, "a.npy"),), ())
     with pytest.raises(DatasetError) as info:
         quantize.run(fp32, tmp_path / "q.onnx", QuantizationSpec(), calibration=wrong)
     assert "calib_dir" in str(info.value) and "'x'" in str(info.value)
@@ -335,7 +313,5 @@ def test_broken_model_is_a_pass_error(calib: Dataset, tmp_path: Path, mode: str)
     assert f"mode {mode!r} failed" in str(info.value)
     assert info.value.__cause__ is not None
     with pytest.raises(PassError, match="no such model file"):
-        quantize.run(
-            tmp_path / "missing.onnx", tmp_path / "q.onnx", QuantizationSpec(), calibration=calib
-        )
+        quantize.run(tmp_path / "missing.onnx", tmp_path / "q.onnx", QuantizationSpec(), calibration=calib)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]

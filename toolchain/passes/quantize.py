@@ -269,8 +269,7 @@ def _pre_process(src: Path, work: Path, notes: list[str]) -> Path:
     except Exception as exc:  # symbolic shape inference fails on some graphs; not fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         notes.append(
-            f"quantization pre-processing failed ({type(exc).__name__}: {first}); "
-            "quantized the model without it"
+            f"quantization pre-processing failed ({type(exc).__name__}: {first}); quantized the model without it"
         )
         return src
     return out
@@ -304,17 +303,13 @@ def _check_feeds(model_path: Path, samples: tuple[Sample, ...], calibration: Dat
             )
 
 
-def _fp16(
-    src: Path, dst: Path, nodes_to_exclude: Sequence[str], notes: list[str]
-) -> tuple[str, ...]:
+def _fp16(src: Path, dst: Path, nodes_to_exclude: Sequence[str], notes: list[str]) -> tuple[str, ...]:
     """FP16 weights and compute, float32 inputs/outputs."""
     import onnx
 
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
-    except (
-        ImportError
-    ):  # older/slim onnxruntime builds: the same converter lives in onnxconverter-common
+    except ImportError:  # older/slim onnxruntime builds: the same converter lives in onnxconverter-common
         from onnxconverter_common.float16 import convert_float_to_float16
 
     excluded = _existing_nodes(src, nodes_to_exclude, notes)
@@ -340,9 +335,7 @@ def _finish(produced: Path, out_path: Path, fp32_path: Path, notes: list[str]) -
     qdq = sum(after.get(op, 0) - before.get(op, 0) for op in _QDQ_OPS)
     if qdq:
         notes.append(f"inserted {qdq} QuantizeLinear/DequantizeLinear nodes")
-    quantized = {
-        op: n for op, n in sorted(after.items()) if _is_quantized_op(op) and op not in _QDQ_OPS
-    }
+    quantized = {op: n for op, n in sorted(after.items()) if _is_quantized_op(op) and op not in _QDQ_OPS}
     if quantized:
         notes.append("quantized ops: " + ", ".join(f"{op} x{n}" for op, n in quantized.items()))
     if after.get("ConvInteger"):
@@ -377,11 +370,7 @@ class _Collector(logging.Handler):
         lines = record.getMessage().strip().splitlines()
         line = lines[0][:200] if lines else ""
         # "Please consider pre-processing" only appears when it failed, which is noted already
-        if (
-            line
-            and not line.startswith("Please consider")
-            and f"onnxruntime: {line}" not in self.messages
-        ):
+        if line and not line.startswith("Please consider") and f"onnxruntime: {line}" not in self.messages:
             self.messages.append(f"onnxruntime: {line}")
 
 

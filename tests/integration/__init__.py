@@ -1,0 +1,1 @@
+"""Integration tests: real models, real onnxruntime sessions, the real CLI."""
