@@ -114,7 +114,7 @@ class _Build:
             "profile": req.profile.name,
         }
         self.warnings: list[str] = []
-        self.options = EngineOptions.from_profile(req.profile, host_cores=os.cpu_count() or 1, deterministic=True)
+        self.options = EngineOptions.from_profile(req.profile, host_cores=os.cpu_count() or 1)
 
     def load_and_export(self) -> tuple[Any, Any, Any]:
         """Load the model and export the FP32 reference; when pruning, also the pruned FP32 model.

@@ -240,3 +240,21 @@ def test_ppocr_v4_detector_builds_and_the_gate_reports_honestly(tmp_path, keys):
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert manifest["inputs"][0]["shape"] == [1, 3, 640, 640]
     assert manifest["validation"]["gate"]["passed"] == res.passed
+
+
+def test_jetson_profile_builds_fp16(tmp_path, keys, digits_model, digits_dirs):
+    """Jetson profiles quantize to FP16 (TensorRT/CUDA listed first; on this GPU-less host the CPU runs it)."""
+    _, weights, _ = digits_model
+    _, val = digits_dirs
+    res = _build(
+        tmp_path,
+        keys,
+        "toolchain.examples:digits_cnn",
+        profile="jetson-nano",
+        weights=weights,
+        input_shapes=((1, 1, 8, 8),),
+        validation=str(val),
+    )
+    assert res.report["precision"] == "fp16" and res.report["quantize"]["method"] == "fp16"
+    assert 0.45 <= res.report["size"]["ratio"] <= 0.55
+    assert res.report["validation"]["agreement"] >= 0.99 and res.passed

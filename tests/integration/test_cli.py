@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -152,3 +153,96 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "dist" / "digits-rpi4-1.0.0.tar").is_file()
     human = run_cli("demo", "-o", str(tmp_path / "demo2"))
     assert human.code == 0 and "gate: PASSED" in human.out and "bundle:" in human.out
+
+
+def test_failed_gate_exits_1_with_report_and_no_bundle(tmp_path, keys, digits_model, digits_dirs):
+    from importlib import resources
+
+    _, weights, _ = digits_model
+    calib, val = digits_dirs
+    text = (resources.files("device_profiles") / "rpi4.toml").read_text()
+    tight = tmp_path / "tiny-board.toml"
+    text = re.sub(r"(?m)^max_model_mb = .*$", "max_model_mb = 0.01", text.replace('name = "rpi4"', 'name = "tiny"'))
+    tight.write_text(text)
+    out = tmp_path / "dist"
+    res = run_cli(
+        "build",
+        "toolchain.examples:digits_cnn",
+        "--weights",
+        str(weights),
+        "--input-shape",
+        "1,1,8,8",
+        "--profile",
+        str(tight),
+        "--calibration",
+        str(calib),
+        "--validation",
+        str(val),
+        "--key",
+        str(keys[0]),
+        "-o",
+        str(out),
+        "--json",
+        "--bench-iterations",
+        "0",
+    )
+    assert res.code == 1, res.err
+    assert "validation gate failed" in res.err and "model_size_mb" in res.err and "Traceback" not in res.err
+    report = json.loads(res.out)
+    assert report["gate"]["passed"] is False and report["bundle"] is None
+    assert not list(out.glob("*.tar")) and list(out.glob("*.report.json"))
+    forced = run_cli(
+        "build",
+        "toolchain.examples:digits_cnn",
+        "--weights",
+        str(weights),
+        "--input-shape",
+        "1,1,8,8",
+        "--profile",
+        str(tight),
+        "--calibration",
+        str(calib),
+        "--validation",
+        str(val),
+        "--key",
+        str(keys[0]),
+        "-o",
+        str(out),
+        "--json",
+        "--bench-iterations",
+        "0",
+        "--allow-gate-failure",
+    )
+    assert forced.code == 0, forced.err
+    assert json.loads(forced.out)["gate"]["passed"] is False and list(out.glob("*.tar"))
+
+
+def test_sign_replaces_the_signature(tmp_path, keys, digits_model, digits_dirs):
+    _, weights, _ = digits_model
+    res = run_cli(
+        "build",
+        "toolchain.examples:digits_cnn",
+        "--weights",
+        str(weights),
+        "--input-shape",
+        "1,1,8,8",
+        "--profile",
+        "x86-64",
+        "--quantize",
+        "none",
+        "--key",
+        str(keys[0]),
+        "-o",
+        str(tmp_path),
+        "--json",
+        "--bench-iterations",
+        "0",
+        "-q",
+    )
+    assert res.code == 0, res.err
+    bundle = json.loads(res.out)["bundle"]
+    new = run_cli("keygen", "-o", str(tmp_path / "k2"))
+    assert new.code == 0
+    assert run_cli("sign", bundle, "--key", str(tmp_path / "k2" / "fleet.key")).code == 0
+    assert run_cli("verify", bundle, "--key", str(tmp_path / "k2" / "fleet.pub")).code == 0
+    assert run_cli("verify", bundle, "--key", str(keys[1])).code == 2

@@ -1,0 +1,5 @@
+"""`python -m runtime`: the edge-runtime command."""
+
+from runtime.cli import main
+
+raise SystemExit(main())

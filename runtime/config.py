@@ -1,0 +1,224 @@
+"""The service configuration (`/etc/edge-runtime/config.toml`): typed, validated, with EDGE_* overrides.
+
+Every key is optional except ``bundle`` and ``trusted_keys``; an unknown key or a bad value is a
+:class:`~runtime.errors.ConfigError` naming the file and key (exit 2, and systemd does not restart).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from runtime.errors import ConfigError
+from runtime.schema import from_dict, load_toml
+
+__all__ = [
+    "CacheSection",
+    "HealthSection",
+    "HttpSection",
+    "LogbookSection",
+    "ServiceConfig",
+    "SourceSection",
+    "ThreadsSection",
+    "WatchdogSection",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class ThreadsSection:
+    """Inference thread budget: 0 = the plan's choice (big cluster / all but one core)."""
+
+    inference: int = 0
+    reserve_io_core: Literal["auto", "yes", "no"] = "auto"
+
+    def _validate(self) -> str | None:
+        return "inference: expected 0..256" if not 0 <= self.inference <= 256 else None
+
+
+@dataclass(frozen=True)
+class LogbookSection:
+    """SQLite logbook: where, how often it commits, how big it may grow."""
+
+    path: str = ""  # default: <state_dir>/logbook.sqlite
+    flush_interval_s: float = 0.5
+    durable: bool = False  # true: every record is committed before the inference returns (zero loss)
+    soft_cap_mb: float = 256.0
+    hard_cap_mb: float = 512.0
+
+    def _validate(self) -> str | None:
+        if not 0.0 < self.flush_interval_s <= 60.0:
+            return "flush_interval_s: expected 0 < s <= 60"
+        if not 0 < self.soft_cap_mb <= self.hard_cap_mb:
+            return "hard_cap_mb: expected 0 < soft_cap_mb <= hard_cap_mb"
+        return None
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    """Where inputs come from in `serve` (the HTTP endpoint is separate and can run alongside)."""
+
+    kind: Literal["none", "directory", "video", "camera"] = "none"
+    path: str = ""  # directory or video file
+    camera: int = 0
+    max_fps: float = 15.0
+    realtime: bool = True  # video files: skip frames when inference falls behind (false: every frame)
+    after: Literal["keep", "move", "delete"] = "move"  # directory: what to do with processed files
+    smoothing_window: int = 0  # video: average class scores over the last N frames (0 = off)
+
+    def _validate(self) -> str | None:
+        if self.kind in ("directory", "video") and not self.path:
+            return f"path: a {self.kind} source needs a path"
+        if not 0.0 < self.max_fps <= 1000.0:
+            return "max_fps: expected 0 < fps <= 1000"
+        if not 0 <= self.smoothing_window <= 1000:
+            return "smoothing_window: expected 0..1000"
+        return None
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    """Local inference endpoint for other programs on the device."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8470
+    max_body_kb: int = 8192
+    rate_limit_per_s: float = 50.0
+    burst: int = 20
+
+    def _validate(self) -> str | None:
+        if not 0 <= self.port <= 65535:
+            return "port: expected 0..65535"
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            return "host: the endpoint serves this device only; use 127.0.0.1 (or ::1)"
+        if self.max_body_kb < 1 or self.rate_limit_per_s <= 0 or self.burst < 1:
+            return "max_body_kb: limits must be positive"
+        return None
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    """Periodic health records and the frame-rate policy under heat or load."""
+
+    interval_s: float = 10.0
+    temp_limit_c: float = 80.0
+    min_fps: float = 1.0
+
+    def _validate(self) -> str | None:
+        return "interval_s: expected 0.1..3600" if not 0.1 <= self.interval_s <= 3600 else None
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    """LRU cache of results keyed by input digest (0 = off)."""
+
+    size: int = 0
+
+    def _validate(self) -> str | None:
+        return "size: expected 0..1000000" if not 0 <= self.size <= 1_000_000 else None
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    """The loop counts as stalled after this long without progress; keep it below WatchdogSec."""
+
+    stall_after_s: float = 20.0
+
+    def _validate(self) -> str | None:
+        return "stall_after_s: expected 0.1..3600" if not 0.1 <= self.stall_after_s <= 3600 else None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything `edge-runtime serve` needs."""
+
+    bundle: str
+    trusted_keys: tuple[str, ...]
+    device_id: str = ""  # default: the host name
+    fleet: str = "default"
+    group: str = ""
+    state_dir: str = "/var/lib/edge-runtime"
+    cache_dir: str = ""  # default: <state_dir>/cache
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    warmup_runs: int = 3
+    max_consecutive_failures: int = 10
+    threads: ThreadsSection = field(default_factory=ThreadsSection)
+    logbook: LogbookSection = field(default_factory=LogbookSection)
+    source: SourceSection = field(default_factory=SourceSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    cache: CacheSection = field(default_factory=CacheSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+
+    def _validate(self) -> str | None:
+        if not self.trusted_keys:
+            return "trusted_keys: list at least one public key file (bundles are always verified)"
+        if not 0 <= self.warmup_runs <= 1000:
+            return "warmup_runs: expected 0..1000"
+        if not 1 <= self.max_consecutive_failures <= 1_000_000:
+            return "max_consecutive_failures: expected >= 1"
+        return None
+
+    @property
+    def device(self) -> str:
+        """The device id (config, else host name)."""
+        return self.device_id or socket.gethostname()
+
+    @property
+    def state_path(self) -> Path:
+        """State directory."""
+        return Path(self.state_dir)
+
+    @property
+    def logbook_path(self) -> Path:
+        """SQLite logbook file."""
+        return Path(self.logbook.path) if self.logbook.path else self.state_path / "logbook.sqlite"
+
+    @property
+    def cache_path(self) -> Path:
+        """Optimized-model cache directory."""
+        return Path(self.cache_dir) if self.cache_dir else self.state_path / "cache"
+
+
+_ENV = {
+    "EDGE_BUNDLE": "bundle",
+    "EDGE_DEVICE_ID": "device_id",
+    "EDGE_FLEET": "fleet",
+    "EDGE_STATE_DIR": "state_dir",
+    "EDGE_CACHE_DIR": "cache_dir",
+    "EDGE_LOG_LEVEL": "log_level",
+}
+
+
+def _overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # systemd's StateDirectory=/CacheDirectory= hand us the real paths
+    if env.get("STATE_DIRECTORY"):
+        out["state_dir"] = env["STATE_DIRECTORY"].split(":")[0]
+    if env.get("CACHE_DIRECTORY"):
+        out["cache_dir"] = env["CACHE_DIRECTORY"].split(":")[0]
+    for var, key in _ENV.items():
+        if env.get(var):
+            out[key] = env[var]
+    return out
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Read, validate and apply environment overrides; relative paths resolve against the file's folder."""
+    p = Path(path)
+    data = load_toml(p)
+    data.update(_overrides(os.environ if env is None else env))
+    cfg = from_dict(ServiceConfig, data, path=p)
+    base = p.parent
+    keys = tuple(str(base / k) if not Path(k).is_absolute() else k for k in cfg.trusted_keys)
+    bundle = cfg.bundle if Path(cfg.bundle).is_absolute() else str(base / cfg.bundle)
+    cfg = replace(cfg, trusted_keys=keys, bundle=bundle)
+    for k in cfg.trusted_keys:
+        if not Path(k).is_file():
+            raise ConfigError(f"trusted key file not found: {k}", path=p, key="trusted_keys")
+    return cfg
