@@ -78,7 +78,11 @@ def open_engine(model: Path, *, backend: str = "onnxruntime", options: EngineOpt
         from runtime.backends.ort import OrtEngine
 
         return OrtEngine(model, opts)
-    raise EngineError(f"backend {backend!r} is not available in this runtime (known: onnxruntime)")
+    if backend == "tflite":
+        from runtime.backends.litert import LiteEngine
+
+        return LiteEngine(model, opts)
+    raise EngineError(f"backend {backend!r} is not available in this runtime (known: onnxruntime, tflite)")
 
 
 def feeds_for(engine: Engine, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
