@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.log_level.upper())
-    return Service(cfg).run(max_items=args.max_items)
+    return Service(cfg, config_path=Path(args.config)).run(max_items=args.max_items)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

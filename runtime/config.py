@@ -145,6 +145,7 @@ class ServiceConfig:
     state_dir: str = "/var/lib/edge-runtime"
     cache_dir: str = ""  # default: <state_dir>/cache
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    providers: tuple[str, ...] = ()  # execution providers in order; () = the bundle's profile's
     warmup_runs: int = 3
     max_consecutive_failures: int = 10
     threads: ThreadsSection = field(default_factory=ThreadsSection)

@@ -10,8 +10,9 @@ Every error the runtime raises on purpose derives from :class:`EdgeError`::
     │   ├── IntegrityError     a file's sha256/size differs from the manifest, or a file is missing
     │   ├── SignatureError     signature missing, malformed, or not made by a trusted key
     │   └── UnsafeArchiveError absolute path, `..`, link or device file inside the tar
-    └── EngineError            the inference engine could not load or run the model
-        └── InputError         an input that does not fit the model (shape, dtype, unreadable file)
+    ├── EngineError            the inference engine could not load or run the model
+    │   └── InputError         an input that does not fit the model (shape, dtype, unreadable file)
+    └── LogbookError           the on-device SQLite log cannot be opened, migrated or written (path named)
 
 Messages say what is wrong and what to do about it.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "EngineError",
     "InputError",
     "IntegrityError",
+    "LogbookError",
     "ManifestError",
     "ProfileError",
     "SignatureError",
@@ -94,3 +96,11 @@ class InputError(EngineError):
     """An input that does not fit the model."""
 
     exit_code = 2
+
+
+class LogbookError(EdgeError):
+    """The on-device SQLite log cannot be opened, migrated, read or written."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from runtime.manifest import Manifest
 from runtime.postprocess import summarize
 from runtime.preprocess import fit_rank, image_to_tensor, load_image
 
-__all__ = ["LoadedModel", "Prediction", "load_model"]
+__all__ = ["LoadedModel", "Prediction", "load_model", "profile_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,37 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def profile_providers(profile: str) -> tuple[str, ...]:
+    """Execution providers of a shipped profile (in its order), or () when the profile is not shipped."""
+    from runtime.errors import ProfileError
+    from runtime.profile import builtin_profile_names, load_profile
+
+    if profile not in builtin_profile_names():
+        return ()
+    try:
+        return load_profile(profile).execution_providers
+    except ProfileError:
+        return ()
+
+
 def load_model(
-    source: Path, *, trusted_keys: Sequence[Any], options: EngineOptions, extract_to: Path | None = None
+    source: Path,
+    *,
+    trusted_keys: Sequence[Any],
+    options: EngineOptions,
+    extract_to: Path | None = None,
+    providers: Sequence[str] | None = None,
 ) -> LoadedModel:
-    """Verify ``source`` (tar or directory) against ``trusted_keys`` and load it into its engine."""
+    """Verify ``source`` (tar or directory) against ``trusted_keys`` and load it into its engine.
+
+    ``providers`` defaults to the execution providers of the profile the bundle was built for
+    (TensorRT → CUDA → CPU for Jetson), each skipped with a log line when this build lacks it.
+    """
     bundle = open_bundle(source, trusted_keys=list(trusted_keys), dest=extract_to)
+    if providers is None:
+        providers = profile_providers(bundle.manifest.profile.name)
+    if providers:
+        options = replace(options, providers=tuple(providers))
     try:
         engine = open_engine(bundle.model_path, backend=bundle.manifest.backend, options=options)
     except BaseException:

@@ -192,6 +192,7 @@ class DirectorySource:
         self._stop = threading.Event()
         self._seen: dict[str, tuple[int, int]] = {}  # name → (size, mtime_ns) at the previous poll
         self._handled: OrderedDict[tuple[str, int, int], None] = OrderedDict()  # kept or unmovable files
+        self._unacked: dict[str, tuple[str, tuple[int, int]]] = {}  # delivered, not yet finished
         self._delivered = 0
         self._failed = 0
 
@@ -204,8 +205,11 @@ class DirectorySource:
                 if item is None:
                     continue
                 self._delivered += 1
+                self._unacked[item.ref] = (name, sig)
                 yield item
-                self._finish(name, sig)  # only once the consumer is back for more: at-least-once
+                # at-least-once: finished when the consumer acks it or comes back for more
+                if self._unacked.pop(item.ref, None) is not None:
+                    self._finish(name, sig)
             self._stop.wait(self._poll)
 
     def _scan(self) -> list[tuple[str, tuple[int, int]]]:
@@ -281,6 +285,12 @@ class DirectorySource:
         self._handled[(name, *sig)] = None
         if len(self._handled) > _REMEMBER:
             self._handled.popitem(last=False)
+
+    def ack(self, item: Item) -> None:
+        """The consumer is done with ``item``: move/delete/remember it now rather than on the next read."""
+        entry = self._unacked.pop(item.ref, None)
+        if entry is not None:
+            self._finish(*entry)
 
     def close(self) -> None:
         """End iteration (a blocked ``for`` loop returns within one poll interval)."""

@@ -54,7 +54,7 @@ def _provider_list(wanted: tuple[str, ...], opts: EngineOptions) -> list[Any]:
     chosen: list[Any] = []
     for ep in wanted:
         if ep not in have:
-            log.info("execution provider %s is not in this onnxruntime build; skipping", ep)
+            log.warning("execution provider %s is not in this onnxruntime build; falling back", ep)
             continue
         if ep == "XnnpackExecutionProvider":
             chosen.append((ep, {"intra_op_num_threads": str(opts.intra_op_threads)}))
@@ -102,7 +102,10 @@ class OrtEngine:
         self._output_names = [o.name for o in self.outputs]
 
     def _use_cache(self, so: Any, cache_dir: Path) -> None:
-        digest = hashlib.sha256(self.model_path.read_bytes()).hexdigest()[:16]
+        # the optimized graph is specific to this model, onnxruntime version and provider list
+        h = hashlib.sha256(self.model_path.read_bytes())
+        h.update(f"{_ort().__version__}|{','.join(available_providers())}".encode())
+        digest = h.hexdigest()[:16]
         cache_dir.mkdir(parents=True, exist_ok=True)
         cached = cache_dir / f"{digest}.ort.onnx"
         if cached.is_file():

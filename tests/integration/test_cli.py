@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -151,8 +152,13 @@ def test_demo_runs_end_to_end(tmp_path):
     report = json.loads(res.out)
     assert report["gate"]["passed"] and report["profile"] == "rpi4"
     assert (tmp_path / "demo" / "dist" / "digits-rpi4-1.0.0.tar").is_file()
+    # the bundle then ran under `edge-runtime serve`, offline, and every result is in the SQLite logbook
+    demo = report["demo"]
+    assert Path(demo["logbook"]).is_file() and len(demo["results"]) == 10
+    assert sum(r["true"] == int(r["top1"]) for r in demo["results"]) >= 9
     human = run_cli("demo", "-o", str(tmp_path / "demo2"))
     assert human.code == 0 and "gate: PASSED" in human.out and "bundle:" in human.out
+    assert "edge-runtime serve results" in human.out and "logbook:" in human.out
 
 
 def test_failed_gate_exits_1_with_report_and_no_bundle(tmp_path, keys, digits_model, digits_dirs):

@@ -1,0 +1,548 @@
+"""`edge-runtime serve`: wires model, thread plan, logbook, sources, HTTP endpoint, health and systemd."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from runtime.config import ServiceConfig
+from runtime.errors import ConfigError, EdgeError, InputError
+
+__all__ = ["Service", "log_command", "parse_since", "read_status"]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+class _Stats:
+    """Rolling throughput and latency for STATUS and status.json."""
+
+    def __init__(self, window: int = 256):
+        self.latencies: deque[float] = deque(maxlen=window)
+        self.stamps: deque[float] = deque(maxlen=window)
+        self.total = 0
+        self.failed = 0
+        self.consecutive_failures = 0
+        self.lock = threading.Lock()
+
+    def ok(self, latency_ms: float) -> None:
+        with self.lock:
+            self.latencies.append(latency_ms)
+            self.stamps.append(time.monotonic())
+            self.total += 1
+            self.consecutive_failures = 0
+
+    def fail(self) -> int:
+        with self.lock:
+            self.failed += 1
+            self.consecutive_failures += 1
+            return self.consecutive_failures
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lat = sorted(self.latencies)
+            span = (self.stamps[-1] - self.stamps[0]) if len(self.stamps) > 1 else 0.0
+            rate = (len(self.stamps) - 1) / span if span > 0 else 0.0
+            p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None
+            return {
+                "inferences": self.total,
+                "failed": self.failed,
+                "throughput_per_s": round(rate, 2),
+                "latency_p95_ms": round(p95, 3) if p95 is not None else None,
+            }
+
+
+class Service:
+    """The long-running device service. ``run()`` returns the process exit code."""
+
+    def __init__(self, config: ServiceConfig, *, config_path: Path | None = None):
+        self.cfg = config
+        self.config_path = config_path
+        self.liveness: Any = None
+        self._options: Any = None
+        self._busy_since: float | None = None
+        self._reload = threading.Event()
+        self.stats = _Stats()
+        self.stop_event = threading.Event()
+        self.model: Any = None
+        self.plan: dict[str, Any] = {}
+        self.logbook: Any = None
+        self.source: Any = None
+        self.http: Any = None
+        self.cache: Any = None
+        self.smoother: Any = None
+        self.health_snapshot: dict[str, Any] = {}
+        self.model_lock = threading.RLock()
+        self._io_cores: tuple[int, ...] = ()
+
+    # --- start-up ------------------------------------------------------------------------------
+
+    def _trusted(self) -> list[Any]:
+        from runtime.signing import load_public_key
+
+        return [load_public_key(Path(k)) for k in self.cfg.trusted_keys]
+
+    def _engine_options(self) -> Any:
+        from runtime.cpu import apply_budget, pin_current_thread, plan_threads, read_topology
+        from runtime.engine import EngineOptions
+
+        reserve = {"auto": None, "yes": True, "no": False}[self.cfg.threads.reserve_io_core]
+        plan = plan_threads(read_topology(), requested=self.cfg.threads.inference, reserve_io_core=reserve)
+        apply_budget(plan)
+        self.plan = plan.to_dict()
+        self._io_cores = plan.io_cores
+        if plan.inference_cores:
+            pin_current_thread(plan.inference_cores)
+        log.info("thread plan: %s", plan.reason)
+        return EngineOptions(
+            intra_op_threads=plan.intra_op_threads, pin_cores=plan.engine_pin(), cache_dir=self.cfg.cache_path
+        )
+
+    def load(self, bundle: str | Path) -> Any:
+        """Verify and load a bundle (does not replace the serving model)."""
+        from runtime.model import load_model
+
+        model = load_model(
+            Path(bundle), trusted_keys=self._trusted(), options=self._options, providers=self.cfg.providers or None
+        )
+        model.warmup(self.cfg.warmup_runs)
+        return model
+
+    def swap(self, bundle: str | Path) -> bool:
+        """Load ``bundle`` beside the serving model and switch to it; on any failure keep serving the old one."""
+        try:
+            new = self.load(bundle)
+        except EdgeError as exc:
+            log.error("refused bundle %s: %s", bundle, exc)
+            self._event("model.refused", f"refused bundle {bundle}: {exc}", level="error", bundle=str(bundle))
+            return False
+        with self.model_lock:
+            old, self.model = self.model, new
+            if self.cache is not None:
+                self.cache.clear()  # cached results belong to the old model
+        self._event("model.activated", f"serving {new.name} {new.version}", name=new.name, version=new.version)
+        if old is not None:
+            old.close()
+        return True
+
+    def _open_logbook(self) -> Any:
+        from runtime.logbook import Logbook, LogbookConfig
+
+        lb = self.cfg.logbook
+        return Logbook(
+            LogbookConfig(
+                path=self.cfg.logbook_path,
+                flush_interval_s=lb.flush_interval_s,
+                durable=lb.durable,
+                soft_cap_mb=lb.soft_cap_mb,
+                hard_cap_mb=lb.hard_cap_mb,
+                outbox=False,
+            ),
+            device_id=self.cfg.device,
+        )
+
+    def _open_source(self) -> Any:
+        src = self.cfg.source
+        if src.kind == "directory":
+            from runtime.sources import DirectorySource
+
+            return DirectorySource(Path(src.path), after=src.after)
+        if src.kind in ("video", "camera"):
+            from runtime.sources import VideoSource
+
+            uri: str | int = src.path if src.kind == "video" else src.camera
+            return VideoSource(uri, max_fps=src.max_fps, realtime=src.realtime)
+        return None
+
+    def _event(self, kind: str, message: str, *, level: str = "info", **data: Any) -> None:
+        if self.logbook is not None:
+            self.logbook.record_event(kind, message, data=data, level=level)
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def infer_item(self, item: Any) -> dict[str, Any]:
+        """Preprocess, run, post-process, log one item; the HTTP endpoint and the source loop both call it."""
+        if self.cache is not None and item.digest:
+            hit = self.cache.get(item.digest)
+            if hit is not None:
+                return {**hit, "cached": True}
+        with self.model_lock:
+            model = self.model
+        self._busy_since = time.monotonic()
+        try:
+            return self._infer(model, item)
+        finally:
+            self._busy_since = None
+
+    def _infer(self, model: Any, item: Any) -> dict[str, Any]:
+        stall = _test_stall()
+        if stall and self.stats.total >= stall:
+            log.warning("EDGE_TEST_STALL_AFTER reached: stalling the inference loop (fault injection)")
+            self.stop_event.wait()
+        if item.kind == "image":
+            feeds = model.tensor_from_image(item.data)
+        else:
+            feeds = model.tensor_from_array(item.data, source=item.ref)
+        pred = model.run(feeds, ref=item.ref)
+        record = pred.to_dict()
+        if self.smoother is not None and "topk" in record and pred.outputs and item.ref.find("#frame=") >= 0:
+            pp = model.manifest.postprocess
+            record["smoothed"] = self.smoother.update(
+                pred.outputs[0].reshape(-1), softmax=pp.softmax, labels=pp.labels
+            ).to_dict()
+        record.update(model=model.name, version=model.version)
+        self.logbook.record_inference(
+            model=model.name,
+            version=model.version,
+            input_ref=item.ref,
+            latency_ms=pred.latency_ms,
+            result=record,
+            input_digest=item.digest,
+        )
+        self.stats.ok(pred.latency_ms)
+        if self.cache is not None and item.digest:
+            self.cache.put(item.digest, record)
+        out: dict[str, Any] = record
+        return out
+
+    def _alive(self) -> bool:
+        """The loop is alive unless an inference has been running longer than the stall limit."""
+        busy = self._busy_since
+        return busy is None or time.monotonic() - busy < self.cfg.watchdog.stall_after_s
+
+    def _source_loop(self, max_items: int) -> int:
+        done = 0
+        for item in self.source:
+            if self._reload.is_set():
+                self._do_reload()
+            if self.stop_event.is_set():
+                break
+            ack = getattr(self.source, "ack", None)
+            try:
+                self.infer_item(item)
+                if ack is not None:
+                    ack(item)
+            except InputError as exc:
+                log.warning("skipped %s: %s", item.ref, exc)
+                self._event("input.rejected", str(exc), level="warning", input=item.ref)
+                if ack is not None:
+                    ack(item)
+            except Exception as exc:  # the one guarded catch-all: log, count, give up after N in a row
+                n = self.stats.fail()
+                log.exception("inference failed on %s (%d in a row)", item.ref, n)
+                if n >= self.cfg.max_consecutive_failures:
+                    self._event("service.failing", f"{n} consecutive failures, exiting", level="error")
+                    return 1
+                del exc
+            done += 1
+            if max_items and done >= max_items:
+                break
+        return 0
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(self, max_items: int = 0) -> int:
+        """Start everything, serve until SIGTERM (or ``max_items`` inputs), stop cleanly; returns the exit code."""
+        from runtime.notify import Notifier, WatchdogKeeper
+
+        notifier = Notifier.from_env(unset=True)
+        self._install_signals()
+        keeper = None
+        try:
+            self._options = self._engine_options()
+            self.logbook = self._open_logbook()
+            self._event("service.starting", f"edge-runtime starting on {self.cfg.device}", plan=self.plan)
+            try:
+                self.model = self.load(self.cfg.bundle)
+            except EdgeError as exc:
+                self._event("model.refused", f"cannot serve {self.cfg.bundle}: {exc}", level="error")
+                raise
+            self._event(
+                "model.activated",
+                f"serving {self.model.name} {self.model.version}",
+                name=self.model.name,
+                version=self.model.version,
+            )
+            self._start_extras()
+            self._pin_io_threads()
+            notifier.ready(self._status_line())
+            interval = notifier.watchdog_interval or 1.0
+            keeper = WatchdogKeeper(notifier, self._alive, interval)
+            keeper.start()
+            rc = self._source_loop(max_items) if self.source is not None else self._idle_loop(max_items)
+            notifier.stopping()
+            return rc
+        finally:
+            if keeper is not None:
+                keeper.stop()
+            self._shutdown()
+
+    def _start_extras(self) -> None:
+        from runtime.resultcache import ResultCache
+        from runtime.smoothing import TemporalSmoother
+
+        if self.cfg.cache.size:
+            self.cache = ResultCache(self.cfg.cache.size)
+        if self.cfg.source.smoothing_window:
+            self.smoother = TemporalSmoother(self.cfg.source.smoothing_window)
+        self.source = self._open_source()
+        if self.cfg.http.enabled:
+            from runtime.httpapi import HttpEndpoint
+
+            h = self.cfg.http
+            self.http = HttpEndpoint(
+                self.infer_item,
+                host=h.host,
+                port=h.port,
+                max_body_bytes=h.max_body_kb * 1024,
+                rate_limit_per_s=h.rate_limit_per_s,
+                burst=h.burst,
+                health=self._healthz,
+                status=self.status,
+            )
+            self.http.start()
+            log.info("local endpoint on http://%s:%d", h.host, self.http.port)
+        t = threading.Thread(target=self._health_loop, name="edge-health", daemon=True)
+        t.start()
+
+    def _pin_io_threads(self) -> None:
+        """Move every thread but this one (the inference loop) to the plan's I/O cores."""
+        if not self._io_cores or not hasattr(os, "sched_setaffinity"):
+            return
+        me = threading.current_thread()
+        for t in threading.enumerate():
+            if t is not me and t.native_id is not None:
+                try:
+                    os.sched_setaffinity(t.native_id, self._io_cores)
+                except OSError as exc:
+                    log.debug("cannot pin %s: %s", t.name, exc)
+
+    def _idle_loop(self, max_items: int) -> int:
+        while not self.stop_event.wait(0.5):
+            if self._reload.is_set():
+                self._do_reload()
+            if max_items and self.stats.total >= max_items:
+                break
+        return 0
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self.stop_event.set()
+            if self.source is not None:
+                self.source.close()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _do_reload(self) -> None:
+        """SIGHUP: re-read the config and switch to its bundle if it changed (refused bundles keep the old one)."""
+        from runtime.config import load_config
+
+        self._reload.clear()
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except EdgeError as exc:
+            self._event("config.refused", f"reload refused: {exc}", level="error")
+            return
+        self.swap(new.bundle)
+
+    # --- health, status ------------------------------------------------------------------------
+
+    def _health_loop(self) -> None:
+        from runtime.health import RateGovernor, read_health
+
+        governor = RateGovernor(
+            self.cfg.source.max_fps, min_fps=self.cfg.health.min_fps, temp_limit_c=self.cfg.health.temp_limit_c
+        )
+        while not self.stop_event.is_set():
+            try:
+                health = read_health()
+                self.health_snapshot = dict(health.to_dict())
+                snap = self.stats.snapshot()
+                for name in ("cpu_percent", "mem_percent", "rss_mb", "temp_c"):
+                    value = self.health_snapshot.get(name)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.logbook.record_metric(f"health.{name}", float(value))
+                self.logbook.record_metric("serve.throughput_per_s", float(snap["throughput_per_s"]))
+                if self.source is not None and hasattr(self.source, "set_max_fps"):
+                    lat = snap["latency_p95_ms"]
+                    decision = governor.tick(health, latency_s=lat / 1000 if lat else None)
+                    if decision.reason:
+                        self.source.set_max_fps(decision.fps)
+                        self._event("rate.changed", decision.reason, fps=decision.fps)
+                self._write_status()
+            except Exception:  # health must never take the service down; it is logged and retried
+                log.exception("health check failed")
+            self.stop_event.wait(self.cfg.health.interval_s)
+
+    def _healthz(self) -> dict[str, Any]:
+        return {"ok": self.model is not None and self._alive(), "model": self.model.name if self.model else None}
+
+    def _status_line(self) -> str:
+        snap = self.stats.snapshot()
+        m = self.model
+        name = f"{m.name} {m.version}" if m is not None else "no model"
+        p95 = f"{snap['latency_p95_ms']} ms" if snap["latency_p95_ms"] is not None else "n/a"
+        return f"{name} · {snap['throughput_per_s']}/s · p95 {p95} · {snap['inferences']} done"
+
+    def status(self) -> dict[str, Any]:
+        """What `edge-runtime status` and `/v1/status` show."""
+        m = self.model
+        out: dict[str, Any] = {
+            "device": self.cfg.device,
+            "fleet": self.cfg.fleet,
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "model": {
+                "name": m.name,
+                "version": m.version,
+                "precision": m.manifest.precision,
+                "backend": m.manifest.backend,
+                "provider": m.engine.provider,
+                "profile": m.manifest.profile.name,
+            }
+            if m is not None
+            else None,
+            "thread_plan": self.plan,
+            "serve": self.stats.snapshot(),
+            "health": self.health_snapshot,
+            "logbook": str(self.cfg.logbook_path),
+        }
+        if self.cache is not None:
+            out["cache"] = self.cache.stats()
+        if self.source is not None:
+            out["source"] = self.source.stats()
+        if self.http is not None:
+            out["http"] = {"port": self.http.port, **self.http.stats()}
+        return out
+
+    def _write_status(self) -> None:
+        path = self.cfg.state_path / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), default=str))
+        os.replace(tmp, path)
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        for part in (self.http, self.source):
+            if part is not None:
+                part.close()
+        if self.logbook is not None:
+            with contextlib.suppress(EdgeError):
+                self._write_status()
+            self._event("service.stopped", "edge-runtime stopped")
+            self.logbook.close()
+        if self.model is not None:
+            self.model.close()
+
+
+def _test_stall() -> int:
+    """Fault injection for tests only: EDGE_TEST_STALL_AFTER=N stalls the loop after N inferences."""
+    value = os.environ.get("EDGE_TEST_STALL_AFTER", "")
+    return int(value) if value.isdigit() else 0
+
+
+def read_status(state_dir: Path | None, *, config: str | None) -> dict[str, Any]:
+    """The running service's status file plus logbook numbers; says when the service is not running."""
+    from runtime.logbook import open_readonly
+
+    cfg = None
+    if state_dir is None:
+        from runtime.config import load_config
+
+        cfg = load_config(config or "/etc/edge-runtime/config.toml")
+        state_dir = cfg.state_path
+    path = state_dir / STATUS_FILE
+    status: dict[str, Any] = {}
+    if path.is_file():
+        status = json.loads(path.read_text())
+        pid = status.get("pid")
+        status["running"] = isinstance(pid, int) and _pid_alive(pid)
+        status["age_s"] = round(time.time() - float(status.get("updated", 0)), 1)
+    else:
+        status["running"] = False
+    db = Path(status.get("logbook") or (cfg.logbook_path if cfg else state_dir / "logbook.sqlite"))
+    if db.is_file():
+        try:
+            status["logbook_stats"] = open_readonly(db).stats()
+        except EdgeError as exc:
+            status["logbook_stats"] = {"error": str(exc)}
+    return status
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def parse_since(text: str) -> float:
+    """``1h``, ``30m``, ``2d``, ``45s`` or an ISO time → a Unix timestamp."""
+    import datetime as dt
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"expected 1h, 30m, 2d or an ISO time, got {text!r}", key="--since") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def log_command(args: Any) -> int:
+    """`edge-runtime log tail|export`."""
+    import csv
+    import sys
+
+    from runtime.logbook import open_readonly
+
+    if args.db:
+        db = Path(args.db)
+    else:
+        from runtime.config import load_config
+
+        db = load_config(args.config).logbook_path
+    if not db.is_file():
+        raise ConfigError(f"no logbook at {db}", key="--db")
+    reader = open_readonly(db)
+    if args.action == "tail":
+        rows: Any = reader.tail(args.n, table=args.table)
+    else:
+        rows = reader.export(since=parse_since(args.since) if args.since else None)
+    if args.format == "jsonl":
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    else:
+        writer = None
+        for row in rows:
+            flat = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+            if writer is None:
+                writer = csv.DictWriter(sys.stdout, fieldnames=list(flat), extrasaction="ignore")
+                writer.writeheader()
+            writer.writerow(flat)
+    return 0
