@@ -101,8 +101,10 @@ class Service:
         apply_budget(plan)
         self.plan = plan.to_dict()
         self._io_cores = plan.io_cores
-        if plan.inference_cores:
-            pin_current_thread(plan.inference_cores)
+        # onnxruntime pins its pool threads to engine_pin()[1:]; the calling thread takes the first core
+        own = plan.engine_pin()[:1] or plan.inference_cores
+        if own:
+            pin_current_thread(own)
         log.info("thread plan: %s", plan.reason)
         return EngineOptions(
             intra_op_threads=plan.intra_op_threads, pin_cores=plan.engine_pin(), cache_dir=self.cfg.cache_path

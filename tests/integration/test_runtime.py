@@ -439,3 +439,87 @@ def test_jetson_bundle_falls_back_from_tensorrt_to_cpu_and_says_so(digits_model,
     assert "TensorrtExecutionProvider is not in this onnxruntime build; falling back" in out.err
     assert "CUDAExecutionProvider is not in this onnxruntime build; falling back" in out.err
     assert json.loads(out.out)["top1"]["label"] == image.parent.name
+
+
+def test_status_and_log_commands(bundle, keys, digits_dirs, tmp_path):
+    import cv2
+
+    path, _ = bundle
+    cfg = _config(tmp_path, path, keys[1], health={"interval_s": 0.2})
+    state = tmp_path / "state"
+    proc = _serve(cfg)
+    try:
+        status = _wait_status(state, proc)
+        image = cv2.imencode(".png", cv2.imread(str(_val_files(digits_dirs[1], 1)[0]), cv2.IMREAD_GRAYSCALE))[1]
+        for _ in range(5):
+            assert _post(status["http"]["port"], image.tobytes())[0] == 200
+        time.sleep(0.6)
+        live = run_cli("edge-runtime", "status", "--state-dir", str(state), "--json")
+        assert live.code == 0, live.err
+        info = json.loads(live.out)
+        assert info["running"] is True and info["model"]["name"] == "digits" and info["model"]["version"] == "1.0.0"
+        assert info["thread_plan"]["reason"] and info["thread_plan"]["intra_op_threads"] >= 1
+        assert info["serve"]["inferences"] == 5 and info["health"]["mem_used_mb"] > 0
+        human = run_cli("edge-runtime", "status", "--config", str(cfg))
+        assert human.code == 0 and "digits" in human.out and "thread_plan" in human.out
+    finally:
+        rc, err = _stop(proc)
+    assert rc == 0, err
+    after = json.loads(run_cli("edge-runtime", "status", "--state-dir", str(state), "--json").out)
+    assert after["running"] is False and after["logbook_stats"]["rows"]["inferences"] == 5
+    db = str(state / "logbook.sqlite")
+    csv_out = run_cli("edge-runtime", "log", "export", "--db", db, "--since", "1h", "--format", "csv")
+    assert csv_out.code == 0 and csv_out.out.splitlines()[0].startswith(("seq,", "table,"))
+    assert len(csv_out.out.splitlines()) > 5
+    future = run_cli("edge-runtime", "log", "export", "--db", db, "--since", "2099-01-01T00:00:00")
+    assert future.code == 0 and future.out == ""
+    bad = run_cli("edge-runtime", "log", "export", "--db", db, "--since", "yesterday")
+    assert bad.code == 2 and "--since" in bad.err
+    tail = run_cli("edge-runtime", "log", "tail", "--db", db, "-n", "2")
+    rows = [json.loads(x) for x in tail.out.splitlines()]
+    assert len(rows) == 2 and all(r["result"]["top1"]["label"] for r in rows)
+
+
+@pytest.mark.parametrize("command", ["infer", "serve", "bench", "status", "log"])
+def test_every_runtime_command_has_help(command):
+    res = run_cli("edge-runtime", command, "--help")
+    assert res.code == 0 and "usage: edge-runtime" in res.out
+
+
+def test_serve_video_file_with_smoothing(bundle, keys, digits, tmp_path):
+    """A video source: every frame of a file (realtime off) is inferred, logged, and smoothed over 3 frames."""
+    import cv2
+
+    path, _ = bundle
+    video = tmp_path / "digits.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 64))
+    frames = [
+        cv2.cvtColor(cv2.resize(img, (64, 64), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2BGR)
+        for img in digits.test_images[:12]
+    ]
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    cfg = _config(
+        tmp_path,
+        path,
+        keys[1],
+        http={"enabled": False},
+        source={"kind": "video", "path": str(video), "realtime": False, "smoothing_window": 3, "max_fps": 1000},
+    )
+    code, err = _stop_after(_serve(cfg, "--max-items", "12"), 120)
+    assert code == 0, err
+    rows = [
+        json.loads(x)
+        for x in run_cli(
+            "edge-runtime", "log", "tail", "--db", str(tmp_path / "state" / "logbook.sqlite"), "-n", "50"
+        ).out.splitlines()
+    ]
+    assert len(rows) == 12 and all("#frame=" in r["input_ref"] for r in rows)
+    smoothed = [r["result"]["smoothed"] for r in sorted(rows, key=lambda r: r["seq"])]
+    assert [s["frames"] for s in smoothed[:4]] == [1, 2, 3, 3]
+    correct = sum(
+        int(r["result"]["top1"]["label"]) == int(lab)
+        for r, lab in zip(sorted(rows, key=lambda r: r["seq"]), digits.test_labels[:12], strict=True)
+    )
+    assert correct >= 10  # MJPG compression of upscaled digits costs little accuracy
