@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,7 +468,8 @@ def plan_threads(topo: Topology, *, requested: int = 0, reserve_io_core: bool | 
 def apply_budget(plan: ThreadPlan) -> None:
     """Hand OpenCV and BLAS/OpenMP their share of ``plan``.
 
-    OpenCV: ``cv2.setNumThreads(plan.opencv_threads)`` when cv2 is importable (process-wide, at once).
+    OpenCV: ``cv2.setNumThreads(plan.opencv_threads)`` when cv2 is loaded, else ``OPENCV_FOR_THREADS_NUM``
+    so it starts with that budget whenever the first image arrives (OpenCV is not imported here).
     BLAS/OpenMP: ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set to
     ``plan.blas_threads`` only when unset; a value the operator exported (systemd ``Environment=``)
     wins and is logged. Those libraries read the variables when they load, so this reaches child
@@ -479,12 +481,13 @@ def apply_budget(plan: ThreadPlan) -> None:
             os.environ[name] = str(plan.blas_threads)
         elif current != str(plan.blas_threads):
             log.info("%s=%s set by the environment; keeping it (plan says %d)", name, current, plan.blas_threads)
-    try:
-        import cv2  # deferred: OpenCV is optional on the device
-    except ImportError:
-        log.debug("OpenCV not installed; no OpenCV thread budget to set")
-        return
-    cv2.setNumThreads(plan.opencv_threads)
+    # OpenCV costs ~15 MB resident: do not import it just to set its thread count. When it is
+    # already loaded, set it now; otherwise OPENCV_FOR_THREADS_NUM makes it start with the budget.
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(plan.opencv_threads)
+    else:
+        os.environ.setdefault("OPENCV_FOR_THREADS_NUM", str(plan.opencv_threads))
 
 
 def pin_current_thread(cores: Sequence[int]) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -122,11 +121,6 @@ class LoadedModel:
         """Release the session and the extracted files."""
         self.engine.close()
         self.bundle.cleanup()
-
-
-def digest(data: bytes) -> str:
-    """sha256 hex of input bytes (cache key, logged with each inference)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def profile_providers(profile: str) -> tuple[str, ...]:

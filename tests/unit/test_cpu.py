@@ -545,3 +545,23 @@ def test_pin_current_thread_refuses_impossible_cores() -> None:
     assert pin_current_thread([]) is False
     assert pin_current_thread([4095]) is False  # not a CPU of this machine: EINVAL
     assert pin_current_thread([-1]) is False
+
+
+def test_apply_budget_does_not_load_opencv_but_opencv_starts_with_the_budget() -> None:
+    """OpenCV costs ~15 MB: the budget reaches it through OPENCV_FOR_THREADS_NUM when it loads later."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import os, sys\n"
+        "os.environ.pop('OPENCV_FOR_THREADS_NUM', None)\n"
+        "from runtime.cpu import ThreadPlan, apply_budget\n"
+        "apply_budget(ThreadPlan((0,), 1, (0,), 1, 1, 'test', 'shared'))\n"
+        "assert 'cv2' not in sys.modules\n"
+        "import cv2\n"
+        "print(cv2.getNumThreads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
