@@ -21,6 +21,7 @@ __all__ = [
     "HealthSection",
     "HttpSection",
     "LogbookSection",
+    "MqttSection",
     "ServiceConfig",
     "SourceSection",
     "ThreadsSection",
@@ -134,6 +135,36 @@ class WatchdogSection:
 
 
 @dataclass(frozen=True)
+class MqttSection:
+    """Store-and-forward sync and the signed command channel (off: the device works offline only)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: Literal["auto", "mqtt5", "mqtt311"] = "auto"
+    keepalive_s: int = 30
+    username: str = ""
+    password_file: str = ""  # a file holding the password (kept out of the config)
+    ca_file: str = ""  # TLS is on when a CA or client certificate is given
+    cert_file: str = ""
+    key_file: str = ""
+    batch_size: int = 200
+    compress: bool = False
+    operator_keys: tuple[str, ...] = ()  # keys trusted for commands; () = trusted_keys
+
+    def _validate(self) -> str | None:
+        if not 1 <= self.port <= 65535:
+            return "port: expected 1..65535"
+        if not 1 <= self.batch_size <= 10000:
+            return "batch_size: expected 1..10000"
+        if self.key_file and not self.cert_file:
+            return "key_file: needs cert_file too"
+        if self.password_file and not self.username:
+            return "password_file: needs username too"
+        return None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything `edge-runtime serve` needs."""
 
@@ -155,6 +186,7 @@ class ServiceConfig:
     health: HealthSection = field(default_factory=HealthSection)
     cache: CacheSection = field(default_factory=CacheSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
 
     def _validate(self) -> str | None:
         if not self.trusted_keys:
@@ -209,12 +241,33 @@ def _overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _with_remote_settings(cfg: ServiceConfig, data: dict[str, Any], path: Path) -> ServiceConfig:
+    """Lay the settings `config.set` persisted in the state dir over the file's; a bad set is ignored, logged."""
+    import logging
+
+    from runtime.commands import merge_overrides, read_overrides
+
+    try:
+        overrides = read_overrides(cfg.state_dir)
+    except ConfigError as exc:
+        logging.getLogger(__name__).error("ignoring remote settings: %s", exc)
+        return cfg
+    if not overrides:
+        return cfg
+    try:
+        return from_dict(ServiceConfig, merge_overrides(data, overrides), path=path)
+    except ConfigError as exc:
+        logging.getLogger(__name__).error("ignoring remote settings (%s): %s", Path(cfg.state_dir), exc)
+        return cfg
+
+
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> ServiceConfig:
     """Read, validate and apply environment overrides; relative paths resolve against the file's folder."""
     p = Path(path)
     data = load_toml(p)
     data.update(_overrides(os.environ if env is None else env))
     cfg = from_dict(ServiceConfig, data, path=p)
+    cfg = _with_remote_settings(cfg, data, p)
     base = p.parent
     keys = tuple(str(base / k) if not Path(k).is_absolute() else k for k in cfg.trusted_keys)
     bundle = cfg.bundle if Path(cfg.bundle).is_absolute() else str(base / cfg.bundle)

@@ -12,7 +12,10 @@ Every error the runtime raises on purpose derives from :class:`EdgeError`::
     │   └── UnsafeArchiveError absolute path, `..`, link or device file inside the tar
     ├── EngineError            the inference engine could not load or run the model
     │   └── InputError         an input that does not fit the model (shape, dtype, unreadable file)
-    └── LogbookError           the on-device SQLite log cannot be opened, migrated or written (path named)
+    ├── LogbookError           the on-device SQLite log cannot be opened, migrated or written (path named)
+    └── CommandError           a fleet command that could not be carried out (command id named)
+        └── CommandRefused     a command refused before running: unsigned, bad signature, expired,
+                               replayed, malformed…; ``reason`` is a short stable string for the ack
 
 Messages say what is wrong and what to do about it.
 """
@@ -23,6 +26,8 @@ from pathlib import Path
 
 __all__ = [
     "BundleError",
+    "CommandError",
+    "CommandRefused",
     "ConfigError",
     "EdgeError",
     "EngineError",
@@ -104,3 +109,19 @@ class LogbookError(EdgeError):
     def __init__(self, message: str, *, path: str | Path | None = None):
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class CommandError(EdgeError):
+    """A fleet command that could not be carried out; ``command_id`` names it when known."""
+
+    def __init__(self, message: str, *, command_id: str | None = None):
+        self.command_id = command_id
+        super().__init__(f"command {command_id}: {message}" if command_id else message)
+
+
+class CommandRefused(CommandError):
+    """A command refused before it ran; ``reason`` is the short stable string sent in the ack."""
+
+    def __init__(self, reason: str, command_id: str | None = None):
+        self.reason = reason
+        super().__init__(f"refused: {reason}", command_id=command_id)

@@ -72,6 +72,10 @@ class Service:
         self._options: Any = None
         self._busy_since: float | None = None
         self._reload = threading.Event()
+        self._restart_requested = False
+        self.link: Any = None
+        self.sync: Any = None
+        self.commands: Any = None
         self.stats = _Stats()
         self.stop_event = threading.Event()
         self.model: Any = None
@@ -148,7 +152,7 @@ class Service:
                 durable=lb.durable,
                 soft_cap_mb=lb.soft_cap_mb,
                 hard_cap_mb=lb.hard_cap_mb,
-                outbox=False,
+                outbox=self.cfg.mqtt.enabled,
             ),
             device_id=self.cfg.device,
         )
@@ -276,6 +280,8 @@ class Service:
                 version=self.model.version,
             )
             self._start_extras()
+            if self.cfg.mqtt.enabled:
+                self._start_mqtt()
             self._pin_io_threads()
             notifier.ready(self._status_line())
             interval = notifier.watchdog_interval or 1.0
@@ -283,6 +289,9 @@ class Service:
             keeper.start()
             rc = self._source_loop(max_items) if self.source is not None else self._idle_loop(max_items)
             notifier.stopping()
+            if self._restart_requested:
+                log.info("restart requested by a fleet command: exiting 1 so systemd starts a fresh process")
+                return 1
             return rc
         finally:
             if keeper is not None:
@@ -316,6 +325,98 @@ class Service:
             log.info("local endpoint on http://%s:%d", h.host, self.http.port)
         t = threading.Thread(target=self._health_loop, name="edge-health", daemon=True)
         t.start()
+
+    def _start_mqtt(self) -> None:
+        """Store-and-forward sync of the logbook and the signed command channel over one MQTT link."""
+        from runtime.commands import CommandChannel, builtin_handlers, logs_publisher
+        from runtime.link import Link, LinkConfig
+        from runtime.signing import load_public_key
+        from runtime.sync import Sync, with_will
+
+        m, cfg = self.cfg.mqtt, self.cfg
+        password = Path(m.password_file).read_text().strip() if m.password_file else None
+        link_cfg = LinkConfig(
+            client_id=f"edge-{cfg.fleet}-{cfg.device}",
+            host=m.host,
+            port=m.port,
+            protocol=m.protocol,
+            keepalive_s=m.keepalive_s,
+            username=m.username or None,
+            password=password,
+            ca_file=m.ca_file or None,
+            cert_file=m.cert_file or None,
+            key_file=m.key_file or None,
+        )
+        self.link = Link(with_will(link_cfg, fleet=cfg.fleet, device=cfg.device))
+        self.sync = Sync(
+            self.link,
+            self.logbook,
+            fleet=cfg.fleet,
+            device=cfg.device,
+            batch_size=m.batch_size,
+            compress=m.compress,
+            status=self._birth,
+        )
+        operator = [load_public_key(Path(k)) for k in (m.operator_keys or cfg.trusted_keys)]
+        handlers = builtin_handlers(
+            status=self.status,
+            current_config=lambda: self.cfg,
+            state_dir=cfg.state_dir,
+            export=self.logbook.export,
+            publish_logs=logs_publisher(self.link, cfg.fleet, cfg.device),
+            request_restart=self._request_restart,
+            apply_config=self._apply_config,
+        )
+        self.commands = CommandChannel(
+            self.link,
+            fleet=cfg.fleet,
+            device=cfg.device,
+            group=cfg.group,
+            trusted_keys=operator,
+            state_dir=cfg.state_dir,
+            handlers=handlers,
+        )
+        self.sync.start()
+        self.commands.start()
+        self.link.start()
+        log.info("MQTT: %s:%d as %s (fleet %s)", m.host, m.port, link_cfg.client_id, cfg.fleet)
+
+    def _birth(self) -> dict[str, Any]:
+        """What the retained status topic says about this device while it is online."""
+        m = self.model
+        return {
+            "group": self.cfg.group,
+            "profile": m.manifest.profile.name if m else None,
+            "model": m.name if m else None,
+            "version": m.version if m else None,
+            "temp_c": self.health_snapshot.get("temp_c"),
+            "pid": os.getpid(),
+        }
+
+    def _request_restart(self) -> None:
+        self._restart_requested = True
+        self.stop_event.set()
+        if self.source is not None:
+            self.source.close()
+
+    def _apply_config(self, new: ServiceConfig, key: str) -> bool:
+        """Take a `config.set` change live where the running parts allow it; False = needs a restart."""
+        live = {
+            "health.interval_s",
+            "health.temp_limit_c",
+            "health.min_fps",
+            "source.max_fps",
+            "watchdog.stall_after_s",
+            "log_level",
+            "max_consecutive_failures",
+        }
+        self.cfg = new
+        if key == "source.max_fps" and self.source is not None and hasattr(self.source, "set_max_fps"):
+            self.source.set_max_fps(new.source.max_fps)
+        if key == "log_level":
+            logging.getLogger().setLevel(new.log_level.upper())
+        self._event("config.changed", f"{key} set by a fleet command", key=key, live=key in live)
+        return key in live
 
     def _pin_io_threads(self) -> None:
         """Move every thread but this one (the inference loop) to the plan's I/O cores."""
@@ -443,9 +544,13 @@ class Service:
 
     def _shutdown(self) -> None:
         self.stop_event.set()
-        for part in (self.http, self.source):
+        for part in (self.http, self.source, self.commands):
             if part is not None:
                 part.close()
+        if self.sync is not None:
+            self.sync.close()  # publishes the offline status itself
+        if self.link is not None:
+            self.link.stop()
         if self.logbook is not None:
             with contextlib.suppress(EdgeError):
                 self._write_status()

@@ -14,6 +14,7 @@ from typing import Any
 from runtime.errors import EdgeError
 from toolchain import __version__
 from toolchain.errors import KeyFileError, ToolchainError, UsageError
+from toolchain.fleet_cli import add_fleet_parser
 
 __all__ = ["default_key_path", "main"]
 
@@ -376,6 +377,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    add_fleet_parser(sub)
     return ap
 
 

@@ -1,0 +1,433 @@
+"""The `toolchain fleet` commands: status, ping, config, send (operator side) and ingest (the data worker)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from toolchain.errors import KeyFileError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from runtime.link import LinkConfig
+    from toolchain.fleet import CommandOutcome, Target
+
+__all__ = ["add_fleet_parser", "link_config", "parse_assignment", "parse_broker"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_BROKER = "127.0.0.1:1883"
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` (port 1883) or ``[v6]:PORT`` → (host, port); UsageError naming --broker."""
+    host, port_text = text, "1883"
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"unclosed '[' in {text!r}; expected [ADDRESS]:PORT", flag="--broker")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"expected [ADDRESS]:PORT, got {text!r}", flag="--broker")
+            port_text = rest[1:]
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"port must be a number, got {port_text!r} (expected HOST:PORT)", flag="--broker") from None
+    if not host or not 0 < port < 65536:
+        raise UsageError(f"expected HOST:PORT with a port in 1..65535, got {text!r}", flag="--broker")
+    return host, port
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, value); VALUE is JSON when it parses (1.0, true, "x", [1]) and a string otherwise."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"expected KEY=VALUE (e.g. logbook.flush_interval_s=1.0), got {text!r}", flag="config")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def link_config(
+    args: argparse.Namespace,
+    client_id: str,
+    *,
+    session_expiry_s: int = 0,
+    protocol: Literal["mqtt5", "mqtt311", "auto"] = "auto",
+) -> LinkConfig:
+    """The broker connection the flags describe."""
+    from runtime.link import LinkConfig
+
+    host, port = parse_broker(args.broker)
+    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key-file", args.key_file)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"file not found: {path}", flag=flag)
+    if bool(args.cert) != bool(args.key_file):
+        raise UsageError("a client certificate needs both --cert and --key-file", flag="--cert/--key-file")
+    password = args.password if args.password is not None else os.environ.get("EDGEFLEET_MQTT_PASSWORD")
+    return LinkConfig(
+        host=host,
+        port=port,
+        client_id=client_id,
+        protocol=protocol,
+        session_expiry_s=session_expiry_s,
+        username=args.username,
+        password=password if args.username else None,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key_file,
+        tls_insecure=args.tls_insecure,
+        reconnect_min_s=0.2,
+        reconnect_max_s=5.0,
+    )
+
+
+def _target(args: argparse.Namespace, *, default_all: bool = False) -> Target:
+    from toolchain.fleet import Target
+
+    if args.device is None and args.group is None and not args.all:
+        if not default_all:
+            raise UsageError("name the target: --device ID, --group NAME or --all", flag="--device/--group/--all")
+        return Target(all=True)
+    return Target(device=args.device, group=args.group, all=bool(args.all))
+
+
+def _signing_key(arg: str | None) -> Ed25519PrivateKey:
+    from runtime.errors import SignatureError
+    from runtime.signing import load_private_key
+
+    if arg:
+        path = Path(arg)
+    elif os.environ.get("EDGEFLEET_SIGNING_KEY"):
+        path = Path(os.environ["EDGEFLEET_SIGNING_KEY"])
+    else:
+        from toolchain.cli import default_key_path
+
+        path = default_key_path()
+    if not path.is_file():
+        raise KeyFileError(
+            "operator key not found; pass --key (the private key whose .pub the devices trust) "
+            "or set $EDGEFLEET_SIGNING_KEY",
+            path=path,
+        )
+    try:
+        return load_private_key(path)
+    except SignatureError as exc:
+        raise KeyFileError(str(exc)) from exc
+
+
+def _fleet_name(args: argparse.Namespace) -> str:
+    name: str | None = args.fleet or os.environ.get("EDGEFLEET_FLEET")
+    if not name:
+        raise UsageError("name the fleet (or set $EDGEFLEET_FLEET)", flag="--fleet")
+    return name
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "—"
+    age = max(0.0, now - ts)
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if age >= size:
+            return f"{age / size:.0f}{unit} ago"
+    return f"{age:.0f}s ago"
+
+
+def _print_table(title: str, rows: list[dict[str, Any]], *, rtt: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("device", "online", "model", "version", "last seen", "temperature"):
+        table.add_column(name, justify="right" if name == "temperature" else "left")
+    if rtt:
+        table.add_column("rtt", justify="right")
+    table.add_column("result")
+    now = time.time()
+    for r in rows:
+        online = "—" if r["online"] is None else "yes" if r["online"] else "no"
+        result = r["result"] or "—"
+        if r["reason"]:
+            result = f"{result}: {r['reason']}"
+        cells = [
+            r["device"],
+            online,
+            r["model"] or "—",
+            r["version"] or "—",
+            _ago(r["last_seen"], now),
+            "—" if r["temp_c"] is None else f"{r['temp_c']:.1f} °C",
+        ]
+        if rtt:
+            cells.append("—" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms")
+        table.add_row(*cells, result)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
+
+
+def _summary(rows: list[dict[str, Any]], outcome: CommandOutcome | None) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["result"]:
+            counts[r["result"]] = counts.get(r["result"], 0) + 1
+    summary: dict[str, Any] = {
+        "devices": len(rows),
+        "online": sum(1 for r in rows if r["online"]),
+        "results": counts,
+    }
+    if outcome is not None:
+        summary |= {
+            "expected": len(outcome.expected),
+            "acked_ok": sum(1 for a in outcome.acks.values() if a.status == "ok"),
+            "timeout": outcome.missing,
+            "failed": outcome.failed,
+            "elapsed_s": round(outcome.elapsed_s, 3),
+            "published": outcome.published,
+            "publish_error": outcome.publish_error,
+        }
+    return summary
+
+
+def _report(
+    args: argparse.Namespace, fleet: str, rows: list[dict[str, Any]], outcome: CommandOutcome | None, *, rtt: bool
+) -> int:
+    summary = _summary(rows, outcome)
+    code = 0 if outcome is None or outcome.ok else 1
+    if args.json:
+        doc: dict[str, Any] = {"fleet": fleet, "devices": rows, "summary": summary}
+        if outcome is not None:
+            doc["command"] = {"id": outcome.id, "type": outcome.type, "target": outcome.target.wire()}
+        json.dump(doc, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return code
+    title = f"fleet {fleet}" + (f" — {outcome.type} ({outcome.id[:8]})" if outcome is not None else "")
+    _print_table(title, rows, rtt=rtt)
+    line = f"{summary['devices']} device(s), {summary['online']} online"
+    if outcome is not None:
+        line += f"; {summary['acked_ok']}/{summary['expected']} acked ok in {outcome.elapsed_s:.2f} s"
+        if outcome.missing:
+            line += f"; no final ack within {args.timeout:g} s: {', '.join(outcome.missing)}"
+        if outcome.failed:
+            line += f"; failed: {', '.join(outcome.failed)}"
+        if not outcome.published:
+            line += f"; the broker did not take the command: {outcome.publish_error}"
+    print(line)
+    return code
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _run_command(args: argparse.Namespace, type: str, cmd_args: Mapping[str, Any], *, rtt: bool = False) -> int:
+    from toolchain.fleet import Fleet, operator_client_id, status_rows
+
+    fleet_name = _fleet_name(args)
+    target = _target(args, default_all=type == "status")
+    key = None if getattr(args, "no_query", False) else _signing_key(args.key)
+    if args.timeout <= 0 or args.ttl <= 0:
+        raise UsageError("must be a positive number of seconds", flag="--timeout/--ttl")
+    cfg = link_config(args, operator_client_id())
+    with Fleet(cfg, fleet_name, key=key).connect(timeout=args.connect_timeout) as fleet:
+        statuses = fleet.statuses()
+        outcome = None
+        if key is not None:
+            expect = fleet.expected(target, statuses)
+            outcome = fleet.send(type, cmd_args, target, expect=expect, timeout=args.timeout, ttl_s=args.ttl)
+    rows = status_rows(statuses, target, outcome)
+    return _report(args, fleet_name, rows, outcome, rtt=rtt)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Retained status of every device, refreshed by a `status` command to the online ones."""
+    return _run_command(args, "status", {})
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Round-trip time per device."""
+    return _run_command(args, "ping", {}, rtt=True)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config.set` of one KEY=VALUE (the device validates, persists and applies it)."""
+    key, value = parse_assignment(args.assignment)
+    return _run_command(args, "config.set", {"key": key, "value": value})
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Any command type with JSON arguments."""
+    try:
+        cmd_args = json.loads(args.args) if args.args else {}
+    except ValueError as exc:
+        raise UsageError(f"not JSON: {exc}", flag="--args") from None
+    if not isinstance(cmd_args, dict):
+        raise UsageError("expected a JSON object, e.g. '{\"lines\": 100}'", flag="--args")
+    return _run_command(args, args.type, cmd_args, rtt=True)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Consume batches until SIGTERM/SIGINT; print what was received, stored and dropped as duplicates."""
+    from toolchain.ingest import Ingest
+
+    fleet_name = _fleet_name(args)
+    host = socket.gethostname().split(".")[0] or "host"
+    client_id = args.client_id or f"ingest-{host}-{args.share_group}"
+    cfg = link_config(args, client_id, session_expiry_s=args.session_expiry, protocol="mqtt5")
+    worker = Ingest(args.db, cfg, fleet_name, args.share_group)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _ready() -> None:
+        print(
+            f"ingest: subscribed as {client_id} (group {args.share_group}); storing fleet {fleet_name} "
+            f"into {args.db}; SIGTERM or Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        stats = worker.run(stop, connect_timeout=args.connect_timeout, on_ready=_ready)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if args.json:
+        json.dump(stats, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"ingest: received {stats['messages']} message(s), {stats['records']} record(s): "
+            f"stored {stats['stored']}, duplicates {stats['duplicates']}, rejected {stats['rejected']}"
+        )
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument("--broker", default=_DEFAULT_BROKER, metavar="HOST:PORT", help=f"default {_DEFAULT_BROKER}")
+    g.add_argument("--ca", metavar="FILE", help="CA certificate (PEM): connect with TLS")
+    g.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
+    g.add_argument("--key-file", metavar="FILE", help="client certificate's private key (PEM)")
+    g.add_argument(
+        "--tls-insecure", action="store_true", help="do not check the broker's host name (self-made test certificates)"
+    )
+    g.add_argument("--username")
+    g.add_argument("--password", help="default $EDGEFLEET_MQTT_PASSWORD (keeps it out of `ps`)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="default 10")
+    p.add_argument("--fleet", help="fleet name (default $EDGEFLEET_FLEET)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def _command_flags(p: argparse.ArgumentParser) -> None:
+    _connection_flags(p)
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--device", metavar="ID", help="one device")
+    t.add_argument("--group", metavar="G", help="every online device of a group")
+    t.add_argument("--all", action="store_true", help="every online device of the fleet")
+    p.add_argument(
+        "--key",
+        help="operator's ed25519 private key (default $EDGEFLEET_SIGNING_KEY or ~/.config/edgefleet/keys/fleet.key)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wait this long for acks (default 10)")
+    p.add_argument("--ttl", type=float, default=300.0, metavar="S", help="the command expires after S (default 300)")
+
+
+def add_fleet_parser(subparsers: Any) -> None:
+    """Add `fleet` with its sub-commands to the `toolchain` parser's subparsers."""
+    fleet = subparsers.add_parser(
+        "fleet",
+        help="talk to devices over MQTT: status, ping, config, send; run the ingest worker",
+        description="Operator commands (signed with --key, acked by each device) and the ingest worker. "
+        "Exit 0 when every targeted device acked ok, 1 when one refused, failed or timed out, 2 for bad usage.",
+    )
+    sub = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "status",
+        help="device table from retained status + a status command (default --all)",
+        description="Read every device's retained status (online or last will) and send a `status` command "
+        "to the online targets; table: device, online, model, version, last seen, temperature, result.",
+    )
+    _command_flags(s)
+    s.add_argument("--no-query", action="store_true", help="only read retained status; send nothing, no key needed")
+    s.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "ping", help="round-trip time per device", description="Send `ping`; show each device's round-trip time."
+    )
+    _command_flags(p)
+    p.set_defaults(func=cmd_ping)
+
+    c = sub.add_parser(
+        "config",
+        help="set one configuration key on the devices (config.set)",
+        description="Send `config.set`: each device validates the value against its config schema, persists it "
+        "and applies it live where it can.",
+    )
+    c.add_argument(
+        "assignment", metavar="KEY=VALUE", help="e.g. logbook.flush_interval_s=1.0; VALUE is JSON if it parses"
+    )
+    _command_flags(c)
+    c.set_defaults(func=cmd_config)
+
+    d = sub.add_parser(
+        "send",
+        help="send any command type",
+        description="Send any command type (logs.request, service.restart, model.deploy…) with JSON arguments.",
+    )
+    d.add_argument("type", help="command type, e.g. logs.request, service.restart, model.rollback")
+    d.add_argument("--args", metavar="JSON", help="arguments as a JSON object")
+    _command_flags(d)
+    d.set_defaults(func=cmd_send)
+
+    i = sub.add_parser(
+        "ingest",
+        help="store device inferences, metrics and events in SQLite (runs until SIGTERM)",
+        description="Subscribe with an MQTT 5 shared subscription so several workers split the load; "
+        "drop duplicates by (device, seq).",
+    )
+    _connection_flags(i)
+    i.add_argument("--db", required=True, metavar="FILE", help="SQLite file (created if missing)")
+    i.add_argument("--share-group", default="ingest", help="shared subscription group (default ingest)")
+    i.add_argument(
+        "--client-id",
+        help="stable MQTT client id of this worker (default ingest-<host>-<group>); give each worker on a host its own",
+    )
+    i.add_argument(
+        "--session-expiry",
+        type=int,
+        default=7 * 86400,
+        metavar="S",
+        help="how long the broker keeps this worker's queue while it is down (default 7 days)",
+    )
+    i.set_defaults(func=cmd_ingest)
