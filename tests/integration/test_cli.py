@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-COMMANDS = ["profiles", "build", "inspect", "keygen", "sign", "verify", "demo"]
+COMMANDS = ["profiles", "build", "inspect", "keygen", "sign", "verify", "demo", "fleet"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
