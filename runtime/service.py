@@ -257,6 +257,30 @@ class Service:
 
     # --- running -------------------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Plan threads, open the logbook, verify, load and warm up the bundle (no sources, no network).
+
+        ``run()`` calls it first; benchmarks and embedders call ``open()`` … ``infer_item()`` … ``close()``.
+        """
+        self._options = self._engine_options()
+        self.logbook = self._open_logbook()
+        self._event("service.starting", f"edge-runtime starting on {self.cfg.device}", plan=self.plan)
+        try:
+            self.model = self.load(self.cfg.bundle)
+        except EdgeError as exc:
+            self._event("model.refused", f"cannot serve {self.cfg.bundle}: {exc}", level="error")
+            raise
+        self._event(
+            "model.activated",
+            f"serving {self.model.name} {self.model.version}",
+            name=self.model.name,
+            version=self.model.version,
+        )
+
+    def close(self) -> None:
+        """Stop every part and release the model (idempotent)."""
+        self._shutdown()
+
     def run(self, max_items: int = 0) -> int:
         """Start everything, serve until SIGTERM (or ``max_items`` inputs), stop cleanly; returns the exit code."""
         from runtime.notify import Notifier, WatchdogKeeper
@@ -265,20 +289,7 @@ class Service:
         self._install_signals()
         keeper = None
         try:
-            self._options = self._engine_options()
-            self.logbook = self._open_logbook()
-            self._event("service.starting", f"edge-runtime starting on {self.cfg.device}", plan=self.plan)
-            try:
-                self.model = self.load(self.cfg.bundle)
-            except EdgeError as exc:
-                self._event("model.refused", f"cannot serve {self.cfg.bundle}: {exc}", level="error")
-                raise
-            self._event(
-                "model.activated",
-                f"serving {self.model.name} {self.model.version}",
-                name=self.model.name,
-                version=self.model.version,
-            )
+            self.open()
             self._start_extras()
             if self.cfg.mqtt.enabled:
                 self._start_mqtt()
@@ -556,8 +567,10 @@ class Service:
                 self._write_status()
             self._event("service.stopped", "edge-runtime stopped")
             self.logbook.close()
+            self.logbook = None
         if self.model is not None:
             self.model.close()
+            self.model = None
 
 
 def _test_stall() -> int:
