@@ -6,6 +6,7 @@ Every key is optional except ``bundle`` and ``trusted_keys``; an unknown key or 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from runtime.schema import from_dict, load_toml
 
 __all__ = [
     "CacheSection",
+    "EscalationSection",
     "HealthSection",
     "HttpSection",
     "LogbookSection",
@@ -165,6 +167,32 @@ class MqttSection:
 
 
 @dataclass(frozen=True)
+class EscalationSection:
+    """Ask a bigger server-side model over MQTT 5 when the local top-1 score is under ``threshold``."""
+
+    enabled: bool = False
+    model: str = ""  # the server-side model (edge/<fleet>/escalate/<model>); "" = the bundle's name
+    threshold: float = 0.6  # top-1 scores below this are escalated (above 1 with softmax: every result)
+    timeout_s: float = 2.0  # the inference waits at most this long, then keeps the local result
+    breaker_failures: int = 3  # failures in a row that open the circuit breaker
+    breaker_reset_s: float = 30.0  # an open breaker lets one trial request through after this long
+    max_request_kb: int = 1024
+
+    def _validate(self) -> str | None:
+        if not math.isfinite(self.threshold):
+            return "threshold: expected a finite number"
+        if not 0.01 <= self.timeout_s <= 60.0:
+            return "timeout_s: expected 0.01..60"
+        if not 1 <= self.breaker_failures <= 1000:
+            return "breaker_failures: expected 1..1000"
+        if not 0.1 <= self.breaker_reset_s <= 86400.0:
+            return "breaker_reset_s: expected 0.1..86400"
+        if not 4 <= self.max_request_kb <= 65536:
+            return "max_request_kb: expected 4..65536"
+        return None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything `edge-runtime serve` needs."""
 
@@ -187,8 +215,13 @@ class ServiceConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    escalation: EscalationSection = field(default_factory=EscalationSection)
 
     def _validate(self) -> str | None:
+        if self.escalation.enabled and not self.mqtt.enabled:
+            return "escalation.enabled: escalation talks MQTT; set [mqtt] enabled = true too"
+        if self.escalation.enabled and self.escalation.timeout_s >= self.watchdog.stall_after_s:
+            return "escalation.timeout_s: must be below watchdog.stall_after_s (the wait counts as inference time)"
         if not self.trusted_keys:
             return "trusted_keys: list at least one public key file (bundles are always verified)"
         if not 0 <= self.warmup_runs <= 1000:

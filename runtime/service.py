@@ -76,6 +76,7 @@ class Service:
         self.link: Any = None
         self.sync: Any = None
         self.commands: Any = None
+        self.escalator: Any = None
         self.stats = _Stats()
         self.stop_event = threading.Event()
         self.model: Any = None
@@ -207,6 +208,9 @@ class Service:
                 pred.outputs[0].reshape(-1), softmax=pp.softmax, labels=pp.labels
             ).to_dict()
         record.update(model=model.name, version=model.version)
+        escalator = self.escalator
+        if escalator is not None and escalator.wants(record):
+            record = self._escalate(escalator, record, item, feeds)
         self.logbook.record_inference(
             model=model.name,
             version=model.version,
@@ -219,6 +223,18 @@ class Service:
         if self.cache is not None and item.digest:
             self.cache.put(item.digest, record)
         out: dict[str, Any] = record
+        return out
+
+    def _escalate(self, escalator: Any, record: dict[str, Any], item: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Ask the server-side model (at most ``escalation.timeout_s``); the record gets both results."""
+        from runtime.escalate import apply_escalation, encode_image
+
+        # images go as they are (PNG, JPEG when large): the server preprocesses for its own, bigger model
+        if item.kind == "image":
+            payload: Any = encode_image(item.data, max_bytes=escalator.max_request_bytes)
+        else:
+            payload = next(iter(feeds.values()))
+        out: dict[str, Any] = apply_escalation(record, escalator.escalate(record, payload))
         return out
 
     def _alive(self) -> bool:
@@ -387,6 +403,20 @@ class Service:
             state_dir=cfg.state_dir,
             handlers=handlers,
         )
+        e = cfg.escalation
+        if e.enabled:
+            from runtime.escalate import CircuitBreaker, Escalator
+
+            self.escalator = Escalator(
+                self.link,
+                fleet=cfg.fleet,
+                device=cfg.device,
+                model=e.model or self.model.name,
+                threshold=e.threshold,
+                timeout_s=e.timeout_s,
+                breaker=CircuitBreaker(e.breaker_failures, e.breaker_reset_s),
+                max_request_bytes=e.max_request_kb * 1024,
+            )
         self.sync.start()
         self.commands.start()
         self.link.start()
@@ -545,6 +575,8 @@ class Service:
             out["source"] = self.source.stats()
         if self.http is not None:
             out["http"] = {"port": self.http.port, **self.http.stats()}
+        if self.escalator is not None:
+            out["escalation"] = self.escalator.stats()
         return out
 
     def _write_status(self) -> None:

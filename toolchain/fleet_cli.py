@@ -329,6 +329,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    """Answer devices' escalation requests with a bundle until SIGTERM/SIGINT."""
+    from toolchain.serve_model import serve_model_command
+
+    return serve_model_command(args, _fleet_name(args), link_config)
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -431,3 +438,29 @@ def add_fleet_parser(subparsers: Any) -> None:
         help="how long the broker keeps this worker's queue while it is down (default 7 days)",
     )
     i.set_defaults(func=cmd_ingest)
+
+    m = sub.add_parser(
+        "serve-model",
+        help="answer devices' escalation requests with a bundle (runs until SIGTERM)",
+        description="Serve a bigger model to devices whose local result is not confident enough: MQTT 5 "
+        "request/response on edge/<fleet>/escalate/<model> (response topic + correlation data), subscribed "
+        "through the shared subscription $share/<group>/... so several servers split the requests.",
+    )
+    _connection_flags(m)
+    m.add_argument("--bundle", required=True, metavar="FILE", help="bundle (.tar or directory) to answer with")
+    m.add_argument(
+        "--trusted-key",
+        required=True,
+        action="append",
+        metavar="FILE.pub",
+        help="ed25519 public key the bundle must be signed by (repeatable)",
+    )
+    m.add_argument("--model", metavar="NAME", help="model name devices ask for (default: the bundle's name)")
+    m.add_argument("--share-group", default="escalate", help="shared subscription group (default escalate)")
+    m.add_argument("--client-id", help="MQTT client id (default serve-<model>-<host>-<pid>)")
+    m.add_argument("--threads", type=int, default=0, help="inference threads (default: up to 4)")
+    m.add_argument(
+        "--max-request-kb", type=int, default=4096, metavar="KB", help="larger requests get an error (default 4096)"
+    )
+    m.add_argument("--queue", type=int, default=64, metavar="N", help="requests waiting beyond N are answered busy")
+    m.set_defaults(func=cmd_serve_model)
