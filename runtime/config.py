@@ -304,8 +304,33 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Se
     base = p.parent
     keys = tuple(str(base / k) if not Path(k).is_absolute() else k for k in cfg.trusted_keys)
     bundle = cfg.bundle if Path(cfg.bundle).is_absolute() else str(base / cfg.bundle)
-    cfg = replace(cfg, trusted_keys=keys, bundle=bundle)
+    cfg = replace(cfg, trusted_keys=keys, bundle=bundle, mqtt=_resolve_mqtt(cfg.mqtt, base, p))
     for k in cfg.trusted_keys:
         if not Path(k).is_file():
             raise ConfigError(f"trusted key file not found: {k}", path=p, key="trusted_keys")
     return cfg
+
+
+def _resolve_mqtt(m: MqttSection, base: Path, path: Path) -> MqttSection:
+    """MQTT credential files: relative to the config file's folder, and they must exist when MQTT is on."""
+
+    def resolve(value: str) -> str:
+        return value if not value or Path(value).is_absolute() else str(base / value)
+
+    m = replace(
+        m,
+        ca_file=resolve(m.ca_file),
+        cert_file=resolve(m.cert_file),
+        key_file=resolve(m.key_file),
+        password_file=resolve(m.password_file),
+        operator_keys=tuple(resolve(k) for k in m.operator_keys),
+    )
+    if m.enabled:
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(m, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"file not found: {value}", path=path, key=f"mqtt.{key}")
+        for k in m.operator_keys:
+            if not Path(k).is_file():
+                raise ConfigError(f"operator key file not found: {k}", path=path, key="mqtt.operator_keys")
+    return m

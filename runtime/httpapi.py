@@ -159,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("response for %s is not JSON serialisable", self.path)
             status, headers = 500, {}
             body = json.dumps({"error": "result is not JSON serialisable; see the device log", "status": 500}).encode()
+        self.endpoint._count(status)  # before the client can see the response (and ask for the counters)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -169,7 +170,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.endpoint._count(status)
 
     def _dispatch(self) -> None:
         self._body_pending = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers

@@ -361,7 +361,16 @@ class Service:
         from runtime.sync import Sync, with_will
 
         m, cfg = self.cfg.mqtt, self.cfg
-        password = Path(m.password_file).read_text().strip() if m.password_file else None
+        password = None
+        if m.password_file:
+            try:
+                password = Path(m.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the MQTT password file: {exc.strerror}; check its path and that the service's "
+                    "group can read it",
+                    key="mqtt.password_file",
+                ) from exc
         link_cfg = LinkConfig(
             client_id=f"edge-{cfg.fleet}-{cfg.device}",
             host=m.host,

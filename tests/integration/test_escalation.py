@@ -26,7 +26,6 @@ import pytest
 from tests.broker import Broker, Collector, broker_fixture  # noqa: F401  (registers the `broker` fixture)
 from tests.conftest import REPO, run_cli
 from tests.integration.test_runtime import _val_files
-from tests.integration.test_runtime import bundle as bundle
 
 FLEET = "plant"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -20,32 +20,6 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 
-@pytest.fixture(scope="module")
-def bundle(digits_model, digits_dirs, keys, tmp_path_factory):
-    """The digits CNN built for rpi4 (INT8 S8S8) by the toolchain."""
-    from runtime.profile import load_profile
-    from toolchain.pipeline import BuildRequest, build
-
-    _, weights, _ = digits_model
-    calib, val = digits_dirs
-    out = tmp_path_factory.mktemp("rt-dist")
-    res = build(
-        BuildRequest(
-            model="toolchain.examples:digits_cnn",
-            weights=weights,
-            input_shapes=((1, 1, 8, 8),),
-            profile=load_profile("rpi4"),
-            output_dir=out,
-            key=keys[0],
-            calibration=str(calib),
-            validation=str(val),
-            name="digits",
-            bench_iterations=0,
-        )
-    )
-    return res.bundle, res.report
-
-
 def _val_files(val: Path, n: int | None = None) -> list[Path]:
     files = sorted(val.rglob("*.png"))
     return files[:n] if n else files

@@ -14,7 +14,6 @@ import cv2
 from tests.broker import broker_fixture  # noqa: F401  (registers the `broker` fixture)
 from tests.conftest import REPO, run_cli
 from tests.integration.test_runtime import _config, _post, _serve, _stop, _val_files, _wait_status
-from tests.integration.test_runtime import bundle as bundle
 
 
 def _rows(db, table: str) -> int:
