@@ -370,22 +370,27 @@ class Logbook:
     def _append(self, table: str, ts: float | None, fields: tuple[Any, ...]) -> int:
         stamp = time.time() if ts is None else check_number(ts, "ts")
         with self._lock:
+            self._room()  # may wait, releasing the lock: take the seq only after it
             seq = self._next_seq
-            self._enqueue((table, (seq, stamp, *fields, self._synced)))
             self._next_seq += 1
+            self._enqueue((table, (seq, stamp, *fields, self._synced)))
             if self.config.durable:
                 ticket = self._enqueued
                 self._wait(lambda: self._committed >= ticket, _WAIT_S, f"committing record {seq}")
         return seq
 
-    def _enqueue(self, item: _Item) -> None:
-        """Append under the lock, waiting while the queue is full (the writer is behind or failing)."""
+    def _room(self) -> None:
+        """Wait (lock held, released while waiting) until the queue has room (the writer is behind or failing)."""
         while True:
             if self._closing or self._stopped:
                 raise LogbookError("the logbook is closed", path=self.path)
             if len(self._items) < self._max_queued:
-                break
+                return
             self._wait(lambda: len(self._items) < self._max_queued or self._closing, _WAIT_S, "queueing a record")
+
+    def _enqueue(self, item: _Item) -> None:
+        """Append under the lock, after waiting for room."""
+        self._room()
         self._items.append(item)
         self._enqueued += 1
         n = len(self._items)

@@ -603,3 +603,27 @@ def test_arbitrary_json_payloads_round_trip(tmp_path: Path) -> None:
             assert lb.pending(1_000_000)[-1].payload["result"] == payload
 
         check()
+
+
+def test_seq_stays_unique_when_writers_wait_for_a_full_queue(tmp_path: Path) -> None:
+    """Many threads against a small queue: a caller that waits for room must not share a seq with another."""
+    import threading
+
+    cfg = LogbookConfig(path=tmp_path / "race.sqlite", batch_size=16, flush_interval_s=0.05, outbox=False)
+    lb = Logbook(cfg, device_id="dev")
+    seqs: list[int] = []
+    guard = threading.Lock()
+
+    def work() -> None:
+        mine = [lb.record_metric("m", float(i)) for i in range(1500)]
+        with guard:
+            seqs.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lb.close()
+    assert len(seqs) == len(set(seqs)) == 8 * 1500
+    assert open_readonly(cfg.path).stats()["rows"]["metrics"] == 8 * 1500
