@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -83,10 +83,3 @@ def open_engine(model: Path, *, backend: str = "onnxruntime", options: EngineOpt
 
         return LiteEngine(model, opts)
     raise EngineError(f"backend {backend!r} is not available in this runtime (known: onnxruntime, tflite)")
-
-
-def feeds_for(engine: Engine, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Map positional arrays to the engine's input names."""
-    if len(arrays) != len(engine.inputs):
-        raise EngineError(f"model takes {len(engine.inputs)} inputs, got {len(arrays)}")
-    return {spec.name: arr for spec, arr in zip(engine.inputs, arrays, strict=False)}

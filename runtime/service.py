@@ -73,6 +73,7 @@ class Service:
         self._busy_since: float | None = None
         self._reload = threading.Event()
         self._restart_requested = False
+        self._stall_after = _test_stall()  # read once: not on the inference path
         self.link: Any = None
         self.sync: Any = None
         self.commands: Any = None
@@ -192,8 +193,7 @@ class Service:
             self._busy_since = None
 
     def _infer(self, model: Any, item: Any) -> dict[str, Any]:
-        stall = _test_stall()
-        if stall and self.stats.total >= stall:
+        if self._stall_after and self.stats.total >= self._stall_after:
             log.warning("EDGE_TEST_STALL_AFTER reached: stalling the inference loop (fault injection)")
             self.stop_event.wait()
         if item.kind == "image":
@@ -202,7 +202,7 @@ class Service:
             feeds = model.tensor_from_array(item.data, source=item.ref)
         pred = model.run(feeds, ref=item.ref)
         record = pred.to_dict()
-        if self.smoother is not None and "topk" in record and pred.outputs and item.ref.find("#frame=") >= 0:
+        if self.smoother is not None and "topk" in record and pred.outputs and "#frame=" in item.ref:
             pp = model.manifest.postprocess
             record["smoothed"] = self.smoother.update(
                 pred.outputs[0].reshape(-1), softmax=pp.softmax, labels=pp.labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -235,7 +236,11 @@ class _Build:
             "none": "keeping FP32",
         }[spec.mode]
         self.progress.step(label)
-        with self.progress.bar("calibration samples", total) if spec.mode == "static" and total else _nullbar() as tick:
+        with (
+            self.progress.bar("calibration samples", total)
+            if spec.mode == "static" and total
+            else contextlib.nullcontext(_ignore) as tick
+        ):
             res = quantize.run(fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i))
         self.report["quantize"] = {
             "precision": res.precision,
@@ -303,17 +308,8 @@ class _Build:
         return results[0], results[1]
 
 
-@dataclasses.dataclass
-class _Bar:
-    def __enter__(self) -> Any:
-        return lambda done: None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _nullbar() -> _Bar:
-    return _Bar()
+def _ignore(done: int) -> None:
+    """A progress callback that draws nothing."""
 
 
 def _postprocess(task: str, ref_out: list[np.ndarray], labels: tuple[str, ...]) -> Postprocess:
