@@ -461,7 +461,7 @@ class Harness:
 # --- the runtime's own tests, copied into the root ----------------------------------------------------
 
 # Host-independent tests of the device package: they need no toolchain, torch or broker. Files named in
-# OPTIONAL_TESTS join as soon as they exist (the model store / rollout state machine is not written yet).
+# OPTIONAL_TESTS join when they exist (model store, rollout state machine, downloads).
 IN_ROOT_TESTS = (
     "tests/unit/test_engine.py",
     "tests/unit/test_cpu.py",
@@ -474,7 +474,7 @@ IN_ROOT_TESTS = (
     "tests/unit/test_health.py",
     "tests/unit/test_topics.py",
 )
-OPTIONAL_TESTS = ("tests/unit/test_store.py", "tests/unit/test_rollout.py")
+OPTIONAL_TESTS = ("tests/unit/test_store.py", "tests/unit/test_rollout.py", "tests/unit/test_download.py")
 _SUPPORT = (
     "pyproject.toml",
     "tests/__init__.py",
