@@ -506,10 +506,15 @@ def _backends(req: BuildRequest, kind: str) -> tuple[str, ...]:
     return wanted
 
 
-def _choose(cands: list[_Candidate], profile: DeviceProfile, allow_failure: bool) -> tuple[_Candidate, str]:
+def _choose(req: BuildRequest, kind: str, cands: list[_Candidate]) -> tuple[_Candidate, str]:
     """The candidate the bundle carries, and why."""
+    profile = req.profile
     if len(cands) == 1:
-        return cands[0], f"--backend {_FLAG[cands[0].backend]}"
+        if kind == "tflite":
+            return cands[0], "an existing .tflite file runs on LiteRT only"
+        if req.backend:
+            return cands[0], f"--backend {req.backend}"
+        return cands[0], f"profile {profile.name} uses {profile.backend}"
     preferred = next((c for c in cands if c.backend == profile.backend), cands[0])
     other = next(c for c in cands if c is not preferred)
     pref, oth = _FLAG[preferred.backend].upper(), _FLAG[other.backend].upper()
@@ -519,7 +524,7 @@ def _choose(cands: list[_Candidate], profile: DeviceProfile, allow_failure: bool
     if other.gate.passed:
         return other, f"the {pref} candidate failed the gate ({failed}); the {oth} candidate passed it"
     why = f"both candidates failed the gate; {pref} is profile {profile.name}'s preferred backend"
-    return preferred, why + (" (packed because of --allow-gate-failure)" if allow_failure else "")
+    return preferred, why + ("" if req.enforce_gate else " (packed because of --allow-gate-failure)")
 
 
 def _merge(b: _Build, cands: list[_Candidate], chosen: _Candidate, reason: str) -> None:
@@ -547,10 +552,15 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
         b = _Build(req, progress, work)
         model = b.load()
         b.backends = _backends(req, model.kind)
+        if model.kind == "tflite" and req.profile.backend != "tflite":
+            b.warnings.append(
+                f"profile {req.profile.name} prefers {req.profile.backend}; "
+                "an existing .tflite file is bundled for LiteRT (backend tflite)"
+            )
         spec = _quant_spec(req)
         exports = b.exports(model, b.backends)
         cands = [b.candidate(model, bk, ref, src, spec) for bk, (ref, src) in exports.items()]
-        chosen, reason = _choose(cands, req.profile, not req.enforce_gate)
+        chosen, reason = _choose(req, model.kind, cands)
         _merge(b, cands, chosen, reason)
         return _finish(b, req, model, chosen, exports[chosen.backend][0])
     finally:
