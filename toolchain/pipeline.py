@@ -28,14 +28,11 @@ from runtime import __version__
 from runtime.engine import EngineOptions, backend_for
 from runtime.manifest import Manifest, Postprocess, Preprocess, ProfileRef, TensorSpec
 from runtime.profile import DeviceProfile, QuantizationSpec
-from toolchain.errors import GateError, UsageError
+from toolchain.candidates import FLAG, MODEL_FILE, Candidate, backends, choose, export_section, merge
+from toolchain.errors import GateError
 from toolchain.progress import NullProgress, Progress
 
-__all__ = ["BACKENDS", "BuildRequest", "BuildResult", "build", "default_preprocess"]
-
-BACKENDS = {"onnx": "onnxruntime", "tflite": "tflite"}  # --backend value -> manifest backend
-_MODEL_FILE = {"onnxruntime": "model.onnx", "tflite": "model.tflite"}
-_FLAG = {v: k for k, v in BACKENDS.items()}
+__all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
 
 
 @dataclass(frozen=True)
@@ -115,37 +112,6 @@ def _random_samples(inputs: Sequence[TensorSpec], n: int) -> list[dict[str, np.n
     from runtime.bench import random_feeds
 
     return [random_feeds(tuple(inputs), seed=i) for i in range(n)]
-
-
-@dataclass
-class _Candidate:
-    """One backend's candidate: the files, its report sections and the gate's verdict."""
-
-    backend: str  # onnxruntime | tflite
-    reference: Path
-    path: Path
-    precision: str
-    cmp: Any
-    ref_out: list[np.ndarray]
-    val: Any
-    gate: Any
-    sections: dict[str, Any]  # export, quantize, validation_set, validation, benchmark, size, gate, prune_cost
-
-    def summary(self) -> dict[str, Any]:
-        """The row of the report's ``candidates`` comparison."""
-        bench = self.sections.get("benchmark") or {}
-        return {
-            "backend": self.backend,
-            "precision": self.precision,
-            "size_bytes": self.sections["size"]["candidate_bytes"],
-            "reference_accuracy": self.cmp.reference_accuracy,
-            "candidate_accuracy": self.cmp.candidate_accuracy,
-            "agreement": self.cmp.agreement,
-            "p50_ms": (bench.get("candidate") or {}).get("p50_ms"),
-            "p95_ms": (bench.get("candidate") or {}).get("p95_ms"),
-            "gate_passed": self.gate.passed,
-            "gate_failures": [c.name for c in self.gate.failures()],
-        }
 
 
 class _Build:
@@ -301,7 +267,7 @@ class _Build:
             spec = dataclasses.replace(spec, mode="none")
         if model_kind == "tflite":
             return self._as_is(fp32)
-        out = self.work / _MODEL_FILE[backend]
+        out = self.work / MODEL_FILE[backend]
         total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
         label = {
             "static": "calibrating + quantizing",
@@ -309,7 +275,7 @@ class _Build:
             "fp16": "converting to FP16",
             "none": "keeping FP32",
         }[spec.mode]
-        self.progress.step(f"{label} ({_FLAG[backend].upper()})")
+        self.progress.step(f"{label} ({FLAG[backend].upper()})")
         with (
             self.progress.bar("calibration samples", total)
             if spec.mode == "static" and total
@@ -372,7 +338,7 @@ class _Build:
             warning = "no --validation or --calibration set: compared on random inputs (agreement only)"
             if warning not in self.warnings:
                 self.warnings.append(warning)
-        what = _FLAG[backend_for(cand)].upper()
+        what = FLAG[backend_for(cand)].upper()
         with self.progress.bar(f"validating {what} reference", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
             ref = validate.run_outputs(fp32, feeds, self.options, progress=lambda: tick(next(count)))
@@ -404,11 +370,11 @@ class _Build:
         }
         return results[0], results[1]
 
-    def candidate(self, model: Any, backend: str, exported: Any, source: Any, spec: QuantizationSpec) -> _Candidate:
+    def candidate(self, model: Any, backend: str, exported: Any, source: Any, spec: QuantizationSpec) -> Candidate:
         """Quantize, validate, benchmark and gate one backend's candidate."""
         from toolchain import validate
 
-        self.section = {"export": _export_section(exported)}
+        self.section = {"export": export_section(exported)}
         inputs = exported.inputs
         preprocess = self.req.preprocess or default_preprocess(inputs[0])
         calib, val = self.datasets(inputs, spec, preprocess)
@@ -432,10 +398,10 @@ class _Build:
             latency_p95_ms=cand_bench.p95_ms if cand_bench else None,
         )
         self.section["gate"] = gate.to_dict()
-        return _Candidate(backend, exported.path, cand, precision, cmp, ref_out, val, gate, self.section)
+        return Candidate(backend, exported.path, cand, precision, cmp, ref_out, val, gate, self.section)
 
     def _int8_speed_warning(self, backend: str, ref: Any, cand: Any, ref_size: int, cand_size: int) -> None:
-        what = f"the {_FLAG[backend].upper()} INT8 model" if len(self.backends) > 1 else "the INT8 model"
+        what = f"the {FLAG[backend].upper()} INT8 model" if len(self.backends) > 1 else "the INT8 model"
         if cand.p50_ms > ref.p50_ms and cand_size > 0.9 * ref_size:
             self.warnings.append(f"{what} is slower than FP32 on this host and no smaller")
         elif cand.p50_ms > 1.1 * ref.p50_ms:
@@ -455,17 +421,6 @@ def _quantize_pass(backend: str) -> Any:
     return quantize
 
 
-def _export_section(exported: Any) -> dict[str, Any]:
-    if exported.path.suffix == ".tflite":
-        return {
-            "format": "tflite",
-            "converter": exported.converter,
-            "torch_max_abs_diff": exported.torch_max_abs_diff,
-            "notes": list(exported.notes),
-        }
-    return {"opset": exported.opset, "simplified": exported.simplified, "notes": list(exported.notes)}
-
-
 def _ignore(done: int) -> None:
     """A progress callback that draws nothing."""
 
@@ -480,69 +435,6 @@ def _postprocess(task: str, ref_out: list[np.ndarray], labels: tuple[str, ...]) 
     return Postprocess(kind="none")
 
 
-def _backends(req: BuildRequest, kind: str) -> tuple[str, ...]:
-    """The backends to build, checked against the model kind before anything is exported."""
-    from toolchain.passes.tflite_export import CONVERTIBLE, TFLITE_INPUTS_HELP
-
-    flag = req.backend or _FLAG[req.profile.backend]
-    if flag not in (*BACKENDS, "both"):
-        raise UsageError(f"expected onnx, tflite or both, got {flag!r}", flag="--backend")
-    if kind == "tflite":
-        if req.backend in ("onnx", "both"):
-            raise UsageError(
-                f"{req.model} is already a TFLite model: it is bundled as it is with --backend tflite "
-                "(converting .tflite to ONNX is not supported)",
-                flag="--backend",
-            )
-        return ("tflite",)
-    wanted = ("onnxruntime", "tflite") if flag == "both" else (BACKENDS[flag],)
-    if "tflite" in wanted and kind not in CONVERTIBLE:
-        source = "" if req.backend else f" (the default of profile {req.profile.name})"
-        raise UsageError(
-            f"{req.model} is {'an' if kind[0] in 'aeio' else 'a'} {kind} model, which litert-torch cannot convert "
-            f"to TFLite{source}; TFLite builds take {TFLITE_INPUTS_HELP}. Build this model with --backend onnx",
-            flag="--backend",
-        )
-    return wanted
-
-
-def _choose(req: BuildRequest, kind: str, cands: list[_Candidate]) -> tuple[_Candidate, str]:
-    """The candidate the bundle carries, and why."""
-    profile = req.profile
-    if len(cands) == 1:
-        if kind == "tflite":
-            return cands[0], "an existing .tflite file runs on LiteRT only"
-        if req.backend:
-            return cands[0], f"--backend {req.backend}"
-        return cands[0], f"profile {profile.name} uses {profile.backend}"
-    preferred = next((c for c in cands if c.backend == profile.backend), cands[0])
-    other = next(c for c in cands if c is not preferred)
-    pref, oth = _FLAG[preferred.backend].upper(), _FLAG[other.backend].upper()
-    if preferred.gate.passed:
-        return preferred, f"profile {profile.name} prefers {preferred.backend} and the {pref} candidate passed the gate"
-    failed = ", ".join(c.name for c in preferred.gate.failures())
-    if other.gate.passed:
-        return other, f"the {pref} candidate failed the gate ({failed}); the {oth} candidate passed it"
-    why = f"both candidates failed the gate; {pref} is profile {profile.name}'s preferred backend"
-    return preferred, why + ("" if req.enforce_gate else " (packed because of --allow-gate-failure)")
-
-
-def _merge(b: _Build, cands: list[_Candidate], chosen: _Candidate, reason: str) -> None:
-    """Put the chosen candidate's sections at the top of the report; compare candidates when there are two."""
-    sections = dict(chosen.sections)
-    cost = sections.pop("prune_cost", None)
-    if cost is not None and b.report.get("prune"):
-        b.report["prune"]["cost"] = cost
-    b.report.update(sections)
-    b.report["backend"] = chosen.backend
-    b.report["choice"] = {"backend": chosen.backend, "reason": reason}
-    if len(cands) > 1:
-        b.report["candidates"] = {
-            _FLAG[c.backend]: {"summary": c.summary(), **{k: v for k, v in c.sections.items() if k != "prune_cost"}}
-            for c in cands
-        }
-
-
 def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
     """Run the whole build; raises :class:`GateError` when the gate fails and is enforced."""
     progress = progress or NullProgress()
@@ -551,7 +443,7 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
     try:
         b = _Build(req, progress, work)
         model = b.load()
-        b.backends = _backends(req, model.kind)
+        b.backends = backends(req.backend, req.profile, model.kind, req.model)
         if model.kind == "tflite" and req.profile.backend != "tflite":
             b.warnings.append(
                 f"profile {req.profile.name} prefers {req.profile.backend}; "
@@ -560,8 +452,8 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
         spec = _quant_spec(req)
         exports = b.exports(model, b.backends)
         cands = [b.candidate(model, bk, ref, src, spec) for bk, (ref, src) in exports.items()]
-        chosen, reason = _choose(req, model.kind, cands)
-        _merge(b, cands, chosen, reason)
+        chosen, reason = choose(cands, req.profile, flag=req.backend, kind=model.kind, enforce_gate=req.enforce_gate)
+        merge(b.report, cands, chosen, reason)
         return _finish(b, req, model, chosen, exports[chosen.backend][0])
     finally:
         if req.keep_work:
@@ -570,7 +462,7 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish(b: _Build, req: BuildRequest, model: Any, chosen: _Candidate, exported: Any) -> BuildResult:
+def _finish(b: _Build, req: BuildRequest, model: Any, chosen: Candidate, exported: Any) -> BuildResult:
     """Gate, then sign and pack the chosen candidate."""
     from toolchain import bundle as bundle_mod
 
@@ -593,7 +485,7 @@ def _finish(b: _Build, req: BuildRequest, model: Any, chosen: _Candidate, export
     if not gate.passed:
         b.warnings.append("GATE FAILED and was overridden with --allow-gate-failure")
     b.progress.step("signing and packing the bundle")
-    file_name = _MODEL_FILE[chosen.backend]
+    file_name = MODEL_FILE[chosen.backend]
     manifest = Manifest(
         name=name,
         version=req.version,

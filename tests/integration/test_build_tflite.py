@@ -191,6 +191,22 @@ def test_backend_both_compares_the_candidates_and_says_which_it_bundles(digits_m
     assert "candidates" in human.out and "TFLITE" in human.out and "bundled: onnxruntime" in human.out
 
 
+def test_exported_program_converts_by_position_with_dynamic_int8(keys, tmp_path):
+    import torch
+
+    from tests.models import make_cnn
+
+    program = torch.export.export(make_cnn(), (torch.zeros(1, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "cnn.pt2")
+    res, report = _build(
+        str(tmp_path / "cnn.pt2"), tmp_path, keys, "--profile", "rpi4", "--backend", "tflite", "--quantize", "dynamic"
+    )
+    assert res.code == 0, res.err
+    assert report["export"]["torch_max_abs_diff"] < 1e-5 and report["precision"] == "int8-dynamic"
+    assert report["quantize"]["method"] == "dynamic" and report["validation_set"]["source"] == "random inputs"
+    assert report["validation"]["cosine_mean"] > 0.999 and report["gate"]["passed"] is True
+
+
 def test_existing_tflite_file_is_validated_benchmarked_bundled_and_run(keys, tmp_path):
     """A .tflite written by another tool (here the flatbuffer writer in tests/): no conversion, no quantization."""
     rng = np.random.default_rng(3)

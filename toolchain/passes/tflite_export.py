@@ -91,12 +91,16 @@ def quiet_converter(notes: list[str]) -> Iterator[None]:
             sink.seek(0)
             _log.debug("converter output:\n%s", sink.read().decode("utf-8", "replace"))
             for w in caught:
+                if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+                    continue  # the libraries' own API churn, nothing about this model
                 text = f"{w.category.__name__}: {str(w.message).splitlines()[0] if str(w.message) else ''}"
                 if text not in notes and len(notes) < _MAX_NOTES:
                     notes.append(text)
 
 
-def _module_and_kwargs(model: LoadedModel) -> tuple[Any, dict[str, Any]]:
+def _module_and_kwargs(model: LoadedModel) -> tuple[Any, dict[str, Any], bool]:
+    """The module, sample inputs by name, and whether it takes them by keyword (an ExportedProgram's
+    module takes them by position: its signature then names them ``args_0``…)."""
     import torch
 
     if model.kind not in CONVERTIBLE:
@@ -110,12 +114,15 @@ def _module_and_kwargs(model: LoadedModel) -> tuple[Any, dict[str, Any]]:
             "the TFLite export needs static input shapes, e.g. --input-shape 1,3,224,224 (once per input)",
             flag="--input-shape",
         )
-    module: Any = model.module.module() if model.kind == "exported-program" else model.module  # type: ignore[union-attr]
     kwargs = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in model.input_shapes.items()}
-    return module.eval(), kwargs
+    if model.kind == "exported-program":  # its unlifted module is already in inference form (eval() refuses)
+        return model.module.module(), kwargs, False  # type: ignore[union-attr]
+    return model.module.eval(), kwargs, True  # type: ignore[union-attr]
 
 
-def _torch_diff(module: Any, path: Path, kwargs: dict[str, Any], inputs: tuple[TensorSpec, ...]) -> float:
+def _torch_diff(
+    module: Any, path: Path, kwargs: dict[str, Any], by_name: bool, inputs: tuple[TensorSpec, ...]
+) -> float:
     """Largest |torch - tflite| over the first output on a few seeded random inputs."""
     import torch
 
@@ -129,7 +136,8 @@ def _torch_diff(module: Any, path: Path, kwargs: dict[str, Any], inputs: tuple[T
         for _ in range(4):
             feeds = {name: rng.random(tuple(t.shape), dtype=np.float32) for name, t in kwargs.items()}
             with torch.no_grad():
-                ref = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+                tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+                ref = module(**tensors) if by_name else module(*tensors.values())
             first = ref[0] if isinstance(ref, (tuple, list)) else ref
             names = list(feeds)  # the signature names are the keyword names; by position if not
             got = engine.run({s.name: feeds[s.name if s.name in feeds else names[i]] for i, s in enumerate(inputs)})[0]
@@ -141,7 +149,7 @@ def _torch_diff(module: Any, path: Path, kwargs: dict[str, Any], inputs: tuple[T
 
 def run(model: LoadedModel, out_path: Path) -> TfliteExport:
     """Convert ``model`` (kind ``torch`` or ``exported-program``) to an FP32 ``.tflite`` at ``out_path``."""
-    module, kwargs = _module_and_kwargs(model)
+    module, kwargs, by_name = _module_and_kwargs(model)
     from toolchain.load import tflite_specs
 
     out_path = Path(out_path)
@@ -154,7 +162,11 @@ def run(model: LoadedModel, out_path: Path) -> TfliteExport:
             raise PassError(f"litert-torch is not installed ({exc}); {INSTALL_HINT}", pass_name=PASS_NAME) from exc
     try:
         with quiet_converter(notes):
-            edge = litert_torch.convert(module, (), kwargs)
+            edge = (
+                litert_torch.convert(module, (), kwargs)
+                if by_name
+                else litert_torch.convert(module, tuple(kwargs.values()))
+            )
             edge.export(str(out_path))
     # The converter fails in many ways (torch.export, MLIR lowering, unsupported ops), with no
     # exception tree of its own; every failure of this third-party call becomes a PassError.
@@ -167,7 +179,7 @@ def run(model: LoadedModel, out_path: Path) -> TfliteExport:
             pass_name=PASS_NAME,
         ) from exc
     inputs, outputs = tflite_specs(out_path)
-    diff = _torch_diff(module, out_path, kwargs, inputs)
+    diff = _torch_diff(module, out_path, kwargs, by_name, inputs)
     return TfliteExport(
         path=out_path,
         inputs=tuple(inputs),
