@@ -166,7 +166,9 @@ def _load_tflite(path: Path) -> LoadedModel:
     from runtime.engine import EngineOptions
     from runtime.errors import EngineError
 
-    if path.read_bytes()[4:8] != b"TFL3":
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[4:8] != b"TFL3":
         raise ModelLoadError("not a TFLite flatbuffer (no TFL3 identifier); re-export it", path=path)
     try:
         engine = LiteEngine(path, EngineOptions())
