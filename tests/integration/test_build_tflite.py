@@ -92,7 +92,7 @@ def test_int8_is_full_integer_per_channel_on_the_calibration_set(built):
     assert (quant["method"], quant["per_channel"], quant["calibration_method"]) == (
         "static-full-integer",
         True,
-        "minmax",
+        "minmax-ema",
     )
     assert quant["calibration_samples"] == 128  # the profile's count, picked from the 200 as the ONNX path picks them
     assert report["size"]["ratio"] <= 0.30
