@@ -172,6 +172,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         bench_iterations=args.bench_iterations,
         enforce_gate=not args.allow_gate_failure,
         keep_work=args.keep_work,
+        backend=args.backend,
     )
     progress = NullProgress() if args.quiet else RichProgress()
     try:
@@ -271,7 +272,7 @@ def _build_parser(sub: Any) -> None:
     )
     b.add_argument(
         "model",
-        help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory",
+        help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory | model.tflite",
     )
     b.add_argument(
         "--profile",
@@ -279,6 +280,12 @@ def _build_parser(sub: Any) -> None:
         help="profile name (see `toolchain profiles list`) or path to a .toml",
     )
     b.add_argument("-o", "--output", default="dist", help="output directory (default: dist/)")
+    b.add_argument(
+        "--backend",
+        choices=["onnx", "tflite", "both"],
+        help="engine the bundle targets (default: the profile's backend); both = build, validate and compare "
+        "both candidates and bundle the profile's preferred one if it passes the gate, else the other",
+    )
     b.add_argument("--weights", help="state_dict file for a module:factory model")
     b.add_argument("--input-shape", action="append", metavar="N,C,H,W", help="input shape (repeat per input)")
     b.add_argument("--calibration", metavar="DIR|FILE.npz|module:function", help="calibration samples")
