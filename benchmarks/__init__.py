@@ -8,4 +8,15 @@ from __future__ import annotations
 
 __all__ = ["BENCHMARKS"]
 
-BENCHMARKS: tuple[str, ...] = ("serve_overhead", "memory")
+BENCHMARKS: tuple[str, ...] = (
+    "serve_overhead",
+    "compression",
+    "threads",
+    "logbook",
+    "sync",
+    "cold_start",
+    "memory",
+    "fleet_scale",
+    "emulation",
+    "updates",
+)

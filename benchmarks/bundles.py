@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "ppocr_model",
     "service_config",
     "text_image",
+    "variant",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +50,7 @@ class BuiltBundle:
     input_shape: tuple[int, ...]
     precision: str
     profile: str
+    report: dict[str, Any] = field(default_factory=dict)  # the toolchain's build report (validation, size)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready facts for a figure's ``config``."""
@@ -74,7 +76,8 @@ def _keys(ctx: Context) -> tuple[Path, Path]:
     return pair
 
 
-def _build(ctx: Context, key: str, label: str, image: np.ndarray, **request: Any) -> BuiltBundle:
+def _build(ctx: Context, key: str, label: str, image: np.ndarray, tag: str = "", **request: Any) -> BuiltBundle:
+    """Build, sign and extract one bundle; ``tag`` keeps variants of one model apart on disk."""
     from runtime.bundle import open_bundle
     from runtime.profile import load_profile
     from runtime.signing import load_public_key
@@ -85,7 +88,7 @@ def _build(ctx: Context, key: str, label: str, image: np.ndarray, **request: Any
     res = build(
         BuildRequest(
             profile=load_profile(profile),
-            output_dir=ctx.work / "dist",
+            output_dir=ctx.work / "dist" / (tag or key),
             key=private,
             name=key,
             bench_iterations=0,
@@ -94,7 +97,9 @@ def _build(ctx: Context, key: str, label: str, image: np.ndarray, **request: Any
         )
     )
     assert res.bundle is not None
-    extracted = open_bundle(res.bundle, trusted_keys=[load_public_key(public)], dest=ctx.work / "extracted" / key)
+    extracted = open_bundle(
+        res.bundle, trusted_keys=[load_public_key(public)], dest=ctx.work / "extracted" / (tag or key)
+    )
     shape = tuple(int(d) for d in extracted.manifest.inputs[0].shape)
     return BuiltBundle(
         key=key,
@@ -106,49 +111,110 @@ def _build(ctx: Context, key: str, label: str, image: np.ndarray, **request: Any
         input_shape=shape,
         precision=res.report["precision"],
         profile=profile,
+        report=res.report,
     )
 
 
-def text_image(size: int) -> np.ndarray:
-    """A decoded BGR image with lines of printed text (what a text detector is for), ``size``×``size``."""
+def text_image(size: int, seed: int = 0) -> np.ndarray:
+    """A decoded BGR image with lines of printed text (what a text detector is for), ``size``×``size``.
+
+    ``seed`` 0 is the benchmarks' fixed input; other seeds vary the words, fonts and placement.
+    """
     import cv2
 
+    rng = np.random.default_rng(seed)
     img = np.full((size, size, 3), 255, np.uint8)
     scale = size / 640
     for i in range(12):
         y = int((40 + i * 50) * scale)
-        cv2.putText(img, f"edgefleet line {i}: 0123456789", (int(20 * scale), y), 0, 1.1 * scale, (20, 20, 20), 2)
+        text = f"edgefleet line {i}: 0123456789" if seed == 0 else f"{rng.integers(10**6)} sample {seed}-{i} text"
+        font = 0 if seed == 0 else int(rng.choice([0, 2, 3, 4]))
+        x = int((20 if seed == 0 else rng.integers(5, 120)) * scale)
+        cv2.putText(img, text, (x, y), font, 1.1 * scale, (20, 20, 20), 2)
     return img
 
 
 def digits(ctx: Context) -> BuiltBundle:
     """The digits CNN trained on scikit-learn's digits and quantized to INT8 with real calibration images."""
-    return ctx.once("bundle:digits", lambda: _digits(ctx))
+    return ctx.once("bundle:digits", lambda: variant(ctx, "digits", "static", None))
 
 
-def _digits(ctx: Context) -> BuiltBundle:
-    import torch
+def _digits_request(ctx: Context) -> tuple[np.ndarray, dict[str, Any]]:
+    """(an input image, the build request's model fields) for the digits CNN, trained once per run."""
 
-    from toolchain.examples import digits_split, train_digits_cnn, write_digit_images
+    def make() -> tuple[np.ndarray, dict[str, Any]]:
+        import torch
 
-    split = digits_split()
-    model, _ = train_digits_cnn(split, epochs=ctx.pick(30, 3))
-    weights = ctx.work / "digits.pt"
-    torch.save(model.state_dict(), weights)
-    n_cal, n_val = ctx.pick(200, 32), ctx.pick(360, 32)
-    calib = write_digit_images(split.train_images[:n_cal], split.train_labels[:n_cal], ctx.work / "digits" / "calib")
-    val = write_digit_images(split.test_images[:n_val], split.test_labels[:n_val], ctx.work / "digits" / "val")
-    return _build(
-        ctx,
-        "digits",
-        "digits CNN {precision} {shape}",
-        split.test_images[0],
-        model="toolchain.examples:digits_cnn",
-        weights=weights,
-        input_shapes=((1, 1, 8, 8),),
-        calibration=str(calib),
-        validation=str(val),
-    )
+        from toolchain.examples import digits_split, train_digits_cnn, write_digit_images
+
+        split = digits_split()
+        model, _ = train_digits_cnn(split, epochs=ctx.pick(30, 3))
+        weights = ctx.work / "digits.pt"
+        torch.save(model.state_dict(), weights)
+        n_cal, n_val = ctx.pick(200, 32), ctx.pick(360, 32)
+        root = ctx.work / "digits"
+        calib = write_digit_images(split.train_images[:n_cal], split.train_labels[:n_cal], root / "calib")
+        val = write_digit_images(split.test_images[:n_val], split.test_labels[:n_val], root / "val")
+        request = {
+            "model": "toolchain.examples:digits_cnn",
+            "weights": weights,
+            "input_shapes": ((1, 1, 8, 8),),
+            "calibration": str(calib),
+            "validation": str(val),
+        }
+        return split.test_images[0], request
+
+    made: tuple[np.ndarray, dict[str, Any]] = ctx.once("inputs:digits", make)
+    return made
+
+
+def _ppocr_request(ctx: Context) -> tuple[np.ndarray, dict[str, Any]]:
+    """(a text image, the build request's model fields) for PP-OCRv4 det: text images to calibrate and validate."""
+    from runtime.manifest import Preprocess
+
+    source = ppocr_model()
+    size = ctx.pick(640, 160)
+
+    def make() -> tuple[np.ndarray, dict[str, Any]]:
+        import cv2
+
+        root = ctx.work / "ppocr"
+        for kind, count, offset in (("calib", ctx.pick(8, 2), 0), ("val", ctx.pick(4, 1), 100)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                cv2.imwrite(str(root / kind / f"text{i}.png"), text_image(size, seed=offset + i))
+        request = {
+            "model": str(source),
+            "input_shapes": ((1, 3, size, size),),
+            "calibration": str(root / "calib"),
+            "validation": str(root / "val"),
+            "preprocess": Preprocess(kind="image", color="bgr", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
+        }
+        return text_image(size), request
+
+    made: tuple[np.ndarray, dict[str, Any]] = ctx.once("inputs:ppocr_det", make)
+    return made
+
+
+_LABELS = {"digits": "digits CNN {precision} {shape}", "ppocr_det": "PP-OCRv4 det {precision} {shape}"}
+
+
+def variant(ctx: Context, model: str, quantize: str, activation_type: str | None) -> BuiltBundle:
+    """``model`` ("digits" or "ppocr_det") built with the toolchain as ``quantize`` (static/fp16/none), once per run.
+
+    ``activation_type`` "int8" is S8S8, "uint8" U8S8, None the host profile's choice.
+    """
+    key = f"{model}-{quantize}-{activation_type or 'profile'}"
+
+    def make() -> BuiltBundle:
+        image, request = _digits_request(ctx) if model == "digits" else _ppocr_request(ctx)
+        if quantize == "none":
+            request = {k: v for k, v in request.items() if k != "calibration"}
+        return _build(
+            ctx, model, _LABELS[model], image, tag=key, quantize=quantize, activation_type=activation_type, **request
+        )
+
+    return ctx.once(f"bundle:{key}", make)
 
 
 def mid_cnn_module() -> Any:
@@ -197,31 +263,7 @@ def ppocr_model() -> Path:
 
 def ppocr_det(ctx: Context) -> BuiltBundle:
     """PP-OCRv4 det (FP32, static 1×3×640×640) bundled for this host, with a text image to detect."""
-    from runtime.manifest import Preprocess
-
-    source = ppocr_model()
-    size = ctx.pick(640, 160)
-
-    def make() -> BuiltBundle:
-        import cv2
-
-        image = text_image(size)
-        val = ctx.work / "ppocr" / "val"
-        val.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(val / "text.png"), image)
-        return _build(
-            ctx,
-            "ppocr_det",
-            "PP-OCRv4 det {precision} {shape}",
-            image,
-            model=str(source),
-            input_shapes=((1, 3, size, size),),
-            quantize="none",
-            validation=str(val),
-            preprocess=Preprocess(kind="image", color="bgr", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
-        )
-
-    return ctx.once("bundle:ppocr_det", make)
+    return ctx.once("bundle:ppocr_det", lambda: variant(ctx, "ppocr_det", "none", None))
 
 
 def service_config(
@@ -232,8 +274,17 @@ def service_config(
     cache_dir: Path | None = None,
     logbook_path: Path | None = None,
     http: bool = False,
+    http_port: int = 0,
+    mqtt: tuple[str, int] | None = None,
+    threads: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> Path:
-    """Write a `serve` config for ``bundle``: no source, HTTP off or on port 0, default logbook flushing."""
+    """Write a `serve` config for ``bundle``: no source, HTTP off or on port 0, default logbook flushing.
+
+    ``http_port`` > 0 fixes the endpoint's port and lifts its rate limit (the benchmark is the only
+    client); ``mqtt`` (host, port) turns sync and the command channel on; ``threads`` > 0 requests that many
+    inference threads from the thread plan; ``extra`` lines are appended (more TOML sections).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -241,12 +292,20 @@ def service_config(
         f"trusted_keys = [{json.dumps(str(bundle.public_key))}]",
         f"state_dir = {json.dumps(str(state_dir))}",
         'device_id = "bench"',
+        'fleet = "bench"',
     ]
     if cache_dir is not None:
         lines.append(f"cache_dir = {json.dumps(str(cache_dir))}")
-    lines += ["[http]", f"enabled = {'true' if http else 'false'}", "port = 0"]
+    lines += ["[http]", f"enabled = {'true' if http else 'false'}", f"port = {http_port}"]
+    if http_port:
+        lines += ["rate_limit_per_s = 100000.0", "burst = 100000"]
     if logbook_path is not None:
         lines += ["[logbook]", f"path = {json.dumps(str(logbook_path))}"]
+    if mqtt is not None:
+        lines += ["[mqtt]", "enabled = true", f"host = {json.dumps(mqtt[0])}", f"port = {mqtt[1]}"]
+    if threads:
+        lines += ["[threads]", f"inference = {threads}"]
+    lines += list(extra)
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -294,6 +294,10 @@ def run(names: Sequence[str], *, quick: bool, out_dir: Path, command: str = "pyt
             results.append((report, meta))
     out_dir.mkdir(parents=True, exist_ok=True)
     data = merge(_previous(out_dir / JSON_NAME), machine, results, quick=quick, command=command)
+    from benchmarks.plots import write_plots
+
+    for name, paths in write_plots(data, out_dir).items():
+        data["benchmarks"][name]["plots"] = paths
     (out_dir / JSON_NAME).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     (out_dir / MARKDOWN_NAME).write_text(render_markdown(data))
     return data
@@ -454,13 +458,16 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         "",
     ]
     summary = []
-    for f in figures.values():
-        goal, median, spread, result = _value_cells(f)
-        summary.append((f"{data['benchmarks'][f['benchmark']]['title']}: {f['label']}", goal, median, spread, result))
+    for bench in data["benchmarks"].values():  # the registry's order, whatever order the runs came in
+        for f in (figures[k] for k in bench["figures"] if k in figures):
+            goal, median, spread, result = _value_cells(f)
+            summary.append((f"{bench['title']}: {f['label']}", goal, median, spread, result))
     lines += [*_md_table(("figure", "goal", "measured", "min–max", "result"), summary), ""]
     for name, bench in data["benchmarks"].items():
         lines += [f"## {bench['title']}", "", _provenance(name, bench), ""]
-        lines += [*_figure_rows([figures[k] for k in bench["figures"] if k in figures]), ""]
+        if bench["figures"]:
+            lines += [*_figure_rows([figures[k] for k in bench["figures"] if k in figures]), ""]
+        lines += [f"![{bench['title']}]({path})\n" for path in bench.get("plots", [])]
         for table in bench["tables"]:
             lines += [f"**{table['title']}**", "", *_md_table(table["columns"], table["rows"]), ""]
         if bench["notes"]:

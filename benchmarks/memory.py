@@ -1,33 +1,32 @@
-"""Figure 2: resident memory of `edge-runtime serve` idle with the digits model minus a bare onnxruntime process."""
+"""Figure 7: resident memory of `edge-runtime serve` (digits), idle and after requests, minus bare onnxruntime."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks import bundles
 from benchmarks.harness import Context, Figure, Goal, Measure, Report, Spread, Table, alternate, differences
+from benchmarks.process import child, child_env, notify_socket, wait_ready
 
 __all__ = ["GOAL", "NAME", "TITLE", "Sample", "bare_sample", "proc_memory", "run", "serve_sample"]
 
 NAME = "memory"
-TITLE = "Idle memory of serve"
+TITLE = "Memory"
 GOAL = Goal("<=", 25.0)
 REPO = Path(__file__).resolve().parent.parent
 _MIB = 1024.0  # /proc reports kB (KiB)
-_READY_TIMEOUT_S = 120.0
+_READY_TIMEOUT_S = 120.0  # the baseline process
 _STOP_TIMEOUT_S = 30.0
 # imports that may explain the gap, each measured on top of the bare baseline (when serve loaded it)
 _SUSPECTS = (
@@ -104,7 +103,10 @@ METHOD = (
     "`model.onnx` with the same intra-op threads, runs it once and sleeps; its memory is read the same "
     "way after the same idle time. `existing logbook` reuses a logbook file created by an earlier start "
     "(the steady state of a device); `fresh logbook` starts on a new file, which runs the schema "
-    "migrations. The optimized-model cache is warm in both. Baseline and serve processes alternate, "
+    "migrations. `loaded` starts serve with the HTTP endpoint on a fixed port and, after READY, posts "
+    "{requests} PNG images of a digit to `POST /v1/infer` one after the other (each inferred, logged and "
+    "committed), then idles and is read the same way. The optimized-model cache is warm in all. "
+    "Baseline and serve processes alternate, "
     "one at a time, over {repeats} repeat(s); the figure is the median of the per-repeat differences. Memory "
     "is in MiB (1,048,576 bytes). The module lists come from `sys.modules`, dumped on SIGUSR1 after the "
     "memory was read; the attribution table starts the baseline again with one more import (or every "
@@ -131,27 +133,6 @@ def proc_memory(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return {**env, **extra}
-
-
-@contextlib.contextmanager
-def _process(args: Sequence[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process that is always gone on exit (killed if it is still running)."""
-    with log.open("ab") as err:
-        proc = subprocess.Popen(
-            args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
 def _modules(proc: subprocess.Popen[bytes], dump: Path, log: Path) -> tuple[str, ...]:
     proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 10.0
@@ -162,30 +143,16 @@ def _modules(proc: subprocess.Popen[bytes], dump: Path, log: Path) -> tuple[str,
     return tuple(json.loads(dump.read_text()))
 
 
-def _wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if b"READY=1" in sock.recv(4096).split(b"\n"):
-                return
-        except TimeoutError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"edge-runtime serve exited {proc.returncode} before READY; see {log}")
-    raise RuntimeError(f"edge-runtime serve sent no READY within {_READY_TIMEOUT_S:.0f} s; see {log}")
-
-
-def serve_sample(config: Path, folder: Path, idle_s: float) -> Sample:
-    """Start `edge-runtime serve` with ``config``, wait for READY and ``idle_s``, read its memory, stop it."""
+def serve_sample(config: Path, folder: Path, idle_s: float, load: Callable[[], object] | None = None) -> Sample:
+    """Start `edge-runtime serve` with ``config``, wait for READY (then ``load()``) and ``idle_s``, read its memory."""
     n = next(_counter)
-    name = f"edgefleet-bench-{os.getpid()}-{n}"
     dump, log = folder / f"serve-{n}.modules.json", folder / "serve.stderr"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)  # abstract namespace: no path-length limit, nothing left on disk
-        sock.settimeout(0.2)
+    with notify_socket() as (sock, address):
         args = [sys.executable, "-c", _SERVE, str(config), str(dump)]
-        with _process(args, log, _env(NOTIFY_SOCKET="@" + name)) as proc:
-            _wait_ready(sock, proc, log)
+        with child(args, log, child_env(NOTIFY_SOCKET=address)) as proc:
+            wait_ready(sock, proc, log)
+            if load is not None:
+                load()
             time.sleep(idle_s)
             rss, hwm = proc_memory(proc.pid)
             modules = _modules(proc, dump, log)
@@ -205,7 +172,7 @@ def bare_sample(model: Path, threads: int, folder: Path, idle_s: float, imports:
         listing = str(folder / f"bare-{n}.imports")
         Path(listing).write_text("\n".join(imports))
     args = [sys.executable, "-c", _BARE, str(ready), str(dump), str(model), str(threads), listing]
-    with _process(args, log, _env()) as proc:
+    with child(args, log, child_env()) as proc:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while not ready.is_file():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -256,7 +223,14 @@ def _measure(ctx: Context) -> _Run:
 
     existing = config("existing", root / "existing" / "logbook.sqlite")
     serve_sample(existing, root, idle)  # creates the logbook file and warms the optimized-model cache
-    samples: dict[str, list[Sample]] = {"bare": [], "existing": [], "fresh": []}
+    port = _free_port()
+    loaded = bundles.service_config(
+        root / "loaded", built, state_dir=root / "loaded" / "state", cache_dir=cache, http=True, http_port=port
+    )
+    serve_sample(loaded, root, idle)  # its logbook exists too: loaded is compared with existing
+    requests = ctx.pick(500, 10)
+    png = _png(built.image)
+    samples: dict[str, list[Sample]] = {"bare": [], "existing": [], "fresh": [], "loaded": []}
     fresh = (config(f"fresh-{i}", root / f"fresh-{i}" / "logbook.sqlite") for i in range(repeats))
 
     def take(kind: str, sample: Sample) -> float:
@@ -268,12 +242,44 @@ def _measure(ctx: Context) -> _Run:
             "bare": lambda: take("bare", bare_sample(built.model_file, threads, root, idle)),
             "existing": lambda: take("existing", serve_sample(existing, root, idle)),
             "fresh": lambda: take("fresh", serve_sample(next(fresh), root, idle)),
+            "loaded": lambda: take("loaded", serve_sample(loaded, root, idle, lambda: _post(port, png, requests))),
         },
         repeats,
     )
     bare_rss = Spread.of([s.rss_mb for s in samples["bare"]]).median
     attribution = _attribute(ctx, built, samples, threads, idle, repeats)
-    return _Run(samples, attribution, bare_rss, threads, idle, repeats, built.describe())
+    return _Run(samples, attribution, bare_rss, threads, idle, repeats, {**built.describe(), "requests": requests})
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _png(image: Any) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("cv2 could not encode the digits image as PNG")
+    return bytes(buf)
+
+
+def _post(port: int, png: bytes, count: int) -> None:
+    """``count`` inferences through serve's local endpoint (POST /v1/infer), one connection each."""
+    import http.client
+
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("POST", "/v1/infer", body=png, headers={"Content-Type": "image/png"})
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"POST /v1/infer answered {resp.status}: {body[:200]!r}")
+        finally:
+            conn.close()
 
 
 def _attribute(
@@ -281,9 +287,12 @@ def _attribute(
 ) -> dict[str, list[float]]:
     """Resident memory of the baseline with one more import, and with every module serve had loaded."""
     steady, fresh = set(samples["existing"][0].modules), set(samples["fresh"][0].modules)
-    variants: dict[str, Sequence[str]] = {
-        m if m in steady else f"{m} (fresh logbook only)": [m] for m in _SUSPECTS if m in steady | fresh
-    }
+    loaded = set(samples["loaded"][0].modules)
+
+    def label(m: str) -> str:
+        return m if m in steady else f"{m} (fresh logbook only)" if m in fresh else f"{m} (after requests only)"
+
+    variants: dict[str, Sequence[str]] = {label(m): [m] for m in _SUSPECTS if m in steady | fresh | loaded}
     variants = dict(list(variants.items())[: ctx.pick(len(variants), 2)])  # the smoke test needs the path, not all
     everything = _importable(samples["existing"][0].modules)
     variants["every module serve loads (existing logbook)"] = everything
@@ -302,18 +311,20 @@ def _bare_rss(model: Path, threads: int, folder: Path, idle: float, imports: Seq
     return bare_sample(model, threads, folder, idle, imports).rss_mb
 
 
-def _figure(kind: str, label: str, run: _Run) -> Figure:
+def _figure(kind: str, label: str, run: _Run, key: str = "") -> Figure:
     base = [s.rss_mb for s in run.samples["bare"]]
     subj = [s.rss_mb for s in run.samples[kind]]
     return Figure(
-        key=f"{NAME}.idle_{kind}_logbook",
+        key=key or f"{NAME}.idle_{kind}_logbook",
         label=label,
         kind="difference",
         unit="MiB",
         value=Spread.of(differences(subj, base)),
-        goal=GOAL,
+        goal=None if kind == "loaded" else GOAL,  # the goal is for the idle service
         baseline=Measure("bare python + numpy + onnxruntime + session, VmRSS", "MiB", Spread.of(base)),
-        subject=Measure("edge-runtime serve idle, VmRSS", "MiB", Spread.of(subj)),
+        subject=Measure(
+            f"edge-runtime serve {'after requests' if kind == 'loaded' else 'idle'}, VmRSS", "MiB", Spread.of(subj)
+        ),
         config={
             **run.model,
             "intra_op_threads": run.threads,
@@ -328,7 +339,12 @@ def _figure(kind: str, label: str, run: _Run) -> Figure:
 
 
 def _tables(run: _Run) -> tuple[Table, ...]:
-    names = {"bare": "bare baseline", "existing": "serve, existing logbook", "fresh": "serve, fresh logbook"}
+    names = {
+        "bare": "bare baseline",
+        "existing": "serve, existing logbook",
+        "fresh": "serve, fresh logbook",
+        "loaded": f"serve after {run.model['requests']} HTTP inferences, existing logbook",
+    }
     per_process = []
     bare_mods = set(run.samples["bare"][0].modules)
     modules = []
@@ -367,8 +383,10 @@ def _tables(run: _Run) -> tuple[Table, ...]:
 def _notes(run: _Run, figures: Sequence[Figure]) -> tuple[str, ...]:
     gap = {f.key: f.value.median for f in figures if f.value is not None}
     existing, fresh = gap[f"{NAME}.idle_existing_logbook"], gap[f"{NAME}.idle_fresh_logbook"]
+    loaded = gap[f"{NAME}.loaded_existing_logbook"]
     imports = {k: Spread.of(v).median - run.bare_rss for k, v in run.attribution.items()}
     everything = imports.pop("every module serve loads (existing logbook)")
+    cv2 = imports.get("cv2 (after requests only)")
     ranked = sorted(imports.items(), key=lambda kv: -kv[1])
     notes = [
         f"Idle serve costs {existing:.1f} MiB over the baseline with an existing logbook and {fresh:.1f} MiB "
@@ -381,6 +399,10 @@ def _notes(run: _Run, figures: Sequence[Figure]) -> tuple[str, ...]:
         f"the remaining {existing - everything:.1f} MiB is serve's own state: its threads (logbook writer, HTTP "
         "endpoint, health, watchdog), the SQLite connection and page cache, the verified bundle and its "
         "extraction, the engine's optimized-model cache path and the warm-up buffers.",
+        f"After {run.model['requests']} inferences through the HTTP endpoint serve holds {loaded:.1f} MiB over "
+        f"the baseline ({loaded - existing:+.1f} MiB against idle): OpenCV, imported to decode the first image"
+        + (f" ({cv2:+.1f} MiB on its own)" if cv2 is not None else "")
+        + ", the endpoint's request handling, the logbook's page cache and onnxruntime's arena after real work.",
     ]
     return tuple(notes)
 
@@ -391,6 +413,12 @@ def run(ctx: Context) -> Report:
     figures = (
         _figure("existing", "serve idle, digits, existing logbook", measured),
         _figure("fresh", "serve idle, digits, fresh logbook (runs migrations)", measured),
+        _figure(
+            "loaded",
+            f"serve after {measured.model['requests']} HTTP inferences, digits, existing logbook",
+            measured,
+            key=f"{NAME}.loaded_existing_logbook",
+        ),
     )
-    method = METHOD.format(idle=measured.idle_s, repeats=measured.repeats)
+    method = METHOD.format(idle=measured.idle_s, repeats=measured.repeats, requests=measured.model["requests"])
     return Report(NAME, TITLE, method, figures, _tables(measured), _notes(measured, figures))

@@ -1,4 +1,4 @@
-"""Figure 1: `serve` loop throughput with logging on ÷ a bare onnxruntime run loop (same model, threads, input)."""
+"""Figure 1: `serve` loop throughput, logging and sync on, ÷ a bare onnxruntime run loop (same model and threads)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import bundles
+from benchmarks.broker import mosquitto
 from benchmarks.harness import (
     Context,
     Figure,
@@ -27,7 +28,7 @@ from benchmarks.harness import (
     timed,
 )
 
-__all__ = ["GOAL", "NAME", "TITLE", "bare_session", "run", "served"]
+__all__ = ["GOAL", "NAME", "TITLE", "bare_session", "drained", "run", "served"]
 
 NAME = "serve_overhead"
 TITLE = "Serve loop overhead"
@@ -37,6 +38,7 @@ _CASES: tuple[tuple[str, Callable[[Context], bundles.BuiltBundle]], ...] = (
     ("mid_cnn", bundles.mid_cnn),
     ("ppocr_det", bundles.ppocr_det),
 )
+_CONNECT_TIMEOUT_S = 10.0
 _SESSION_KEYS = (
     "session.intra_op.allow_spinning",
     "session.inter_op.allow_spinning",
@@ -46,11 +48,13 @@ _SESSION_KEYS = (
 METHOD = (
     "Each model is built into a signed bundle by the toolchain for this host's profile. A `Service` is "
     "started in-process from a config the way `edge-runtime serve` starts it (thread plan, SQLite logbook "
-    "in a real file with the default flush interval, bundle verified and warmed up), without sources, "
-    "HTTP endpoint or health thread. The subject times N back-to-back `Service.infer_item(Item)` calls "
-    "on one decoded image of the model's input size: preprocessing, the engine run through the reused "
-    "input buffers, post-processing and `Logbook.record_inference` (the writer thread commits in the "
-    "background, as in production). The baseline times N `InferenceSession.run` calls of a bare "
+    "in a real file with the default flush interval, bundle verified and warmed up, MQTT link with "
+    "store-and-forward sync and the command channel connected to a real Mosquitto on loopback), without "
+    "sources, HTTP endpoint or health thread. The subject times N back-to-back `Service.infer_item(Item)` "
+    "calls on one decoded image of the model's input size: preprocessing, the engine run through the "
+    "reused input buffers, post-processing and `Logbook.record_inference`; the writer thread commits "
+    "and the sync thread publishes every record (QoS 1 batches, marked synced on PUBACK) in the "
+    "background, as in production. The baseline times N `InferenceSession.run` calls of a bare "
     "onnxruntime session on the bundle's own `model.onnx`, with the engine session's intra-/inter-op "
     "threads and spinning policy, on the already preprocessed tensor. Both loops are first checked to "
     "compute the same result. They run alternately (A B, B A, …) in the same thread, N chosen so a run "
@@ -65,7 +69,11 @@ METHOD = (
 
 @contextlib.contextmanager
 def served(config: Path) -> Iterator[Any]:
-    """A :class:`runtime.service.Service` started as `serve` starts it, minus sources, HTTP, health, sd_notify."""
+    """A :class:`runtime.service.Service` started as `serve` starts it, minus sources, HTTP, health, sd_notify.
+
+    With ``[mqtt] enabled`` in ``config`` the link, sync and command channel are started as well and
+    connected before the service is handed out.
+    """
     from runtime.config import load_config
     from runtime.service import Service
 
@@ -74,6 +82,11 @@ def served(config: Path) -> Iterator[Any]:
     mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         svc.open()  # what run() does before its loop: thread plan, logbook, verified and warmed-up model
+        if cfg.mqtt.enabled:
+            svc._start_mqtt()  # what run() does next when MQTT is configured
+            if not svc.link.wait_connected(_CONNECT_TIMEOUT_S):
+                raise RuntimeError(f"the service did not connect to {cfg.mqtt.host}:{cfg.mqtt.port}")
+            svc._pin_io_threads()
         yield svc
     finally:
         svc.close()
@@ -107,6 +120,18 @@ def _same_result(record: dict[str, Any], bare: list[np.ndarray]) -> None:
         raise RuntimeError(f"serve and the bare session disagree on the same input: {record} vs {bare[0].ravel()[:8]}")
 
 
+def drained(svc: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """Sync's counters once every logged record has been acknowledged (proof that sync really ran)."""
+    svc.logbook.flush(timeout)
+    deadline = time.monotonic() + timeout
+    while svc.logbook.pending(1) and time.monotonic() < deadline:
+        svc.sync.notify()
+        time.sleep(0.05)
+    stats: dict[str, Any] = svc.sync.stats()
+    stats["pending_after_drain"] = len(svc.logbook.pending(1000))
+    return stats
+
+
 def _calls_for(seconds: float, per_call: float, least: int) -> int:
     return int(min(max(seconds / max(per_call, 1e-7), least), 500_000))
 
@@ -122,11 +147,11 @@ def _facts(svc: Any) -> dict[str, Any]:
     }
 
 
-def _measure(ctx: Context, built: bundles.BuiltBundle, repeats: int) -> tuple[Figure, Table]:
+def _measure(ctx: Context, built: bundles.BuiltBundle, repeats: int, broker: tuple[str, int]) -> tuple[Figure, Table]:
     from runtime.sources import Item
 
     folder = ctx.work / NAME / built.key
-    config = bundles.service_config(folder, built, state_dir=folder / "state")
+    config = bundles.service_config(folder, built, state_dir=folder / "state", mqtt=broker)
     with served(config) as svc:
         item = Item(ref=f"bench:{built.key}", data=built.image, kind="image", ts=time.time())
         feeds = svc.model.tensor_from_image(built.image)
@@ -148,7 +173,7 @@ def _measure(ctx: Context, built: bundles.BuiltBundle, repeats: int) -> tuple[Fi
         subj = [n / s for s in seconds["serve"]]
         overhead_us = Spread.of([(1 / s - 1 / b) * 1e6 for s, b in zip(subj, base, strict=True)]).median
         stages = _stages(ctx, svc, item, feeds, bare, overhead_us, built.label)
-        facts = {**_facts(svc), "items_per_run": n, "repeats": repeats}
+        facts = {**_facts(svc), "items_per_run": n, "repeats": repeats, "sync": drained(svc)}
     fig = Figure(
         key=f"{NAME}.{built.key}",
         label=built.label,
@@ -157,7 +182,7 @@ def _measure(ctx: Context, built: bundles.BuiltBundle, repeats: int) -> tuple[Fi
         value=Spread.of(ratios(subj, base)),
         goal=GOAL,
         baseline=Measure("bare InferenceSession.run loop", "inferences/s", Spread.of(base)),
-        subject=Measure("Service.infer_item, logging on", "inferences/s", Spread.of(subj)),
+        subject=Measure("Service.infer_item, logging and sync on", "inferences/s", Spread.of(subj)),
         config={
             **built.describe(),
             **facts,
@@ -292,6 +317,12 @@ def _notes(figures: list[Figure]) -> tuple[str, ...]:
         if f.value is not None
     ]
     notes += [f"{f.key}: skipped, {f.skipped}." for f in figures if f.skipped]
+    notes += [
+        f"{f.label}: sync published {f.config['sync']['records_acked']:,} records in "
+        f"{f.config['sync']['batches_acked']:,} QoS 1 batches during the run, all acknowledged "
+        f"({f.config['sync']['pending_after_drain']} left in the outbox after draining)."
+        for f in done
+    ]
     notes.append(
         "The overhead per item is not constant: preprocessing and the input copy grow with the input "
         "tensor, so a large-input model pays milliseconds where the digits model pays tens of µs. The stage "
@@ -316,14 +347,15 @@ def run(ctx: Context) -> Report:
     repeats = ctx.pick(21, 3)
     figures: list[Figure] = []
     tables: list[Table] = []
-    for key, make in _CASES:
-        try:
-            built = make(ctx)
-        except Skipped as exc:
-            figures.append(Figure(f"{NAME}.{key}", key, "ratio", "", None, GOAL, skipped=str(exc)))
-            continue
-        fig, stages = _measure(ctx, built, repeats)
-        figures.append(fig)
-        tables.append(stages)
+    with mosquitto() as broker:
+        for key, make in _CASES:
+            try:
+                built = make(ctx)
+            except Skipped as exc:
+                figures.append(Figure(f"{NAME}.{key}", key, "ratio", "", None, GOAL, skipped=str(exc)))
+                continue
+            fig, stages = _measure(ctx, built, repeats, (broker.host, broker.port))
+            figures.append(fig)
+            tables.append(stages)
     method = METHOD.format(seconds=ctx.pick(0.2, 0.03), repeats=repeats)
     return Report(NAME, TITLE, method, tuple(figures), (_curve(figures), *tables), _notes(figures))
