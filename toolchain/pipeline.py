@@ -6,10 +6,12 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from toolchain.errors import GateError
 from toolchain.progress import NullProgress, Progress
 
 __all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class BuildRequest:
     enforce_gate: bool = True
     keep_work: bool = False
     validation_limit: int = 1000
+    metric: str | None = None  # a toolchain.metrics name or module:function; None = from the output shape
+    search: bool | None = None  # None = search when the profile recipe fails the gate
+    search_budget: float = 600.0  # seconds
+    train: str | None = None  # module:function returning a DataLoader (QAT for PyTorch inputs)
 
 
 @dataclass
@@ -228,6 +236,7 @@ class _Build:
             self.warnings.append("classical ONNX-ML model: bundled without quantization")
             spec = dataclasses.replace(spec, mode="none")
         out = self.work / "model.onnx"
+        self.cache_dir = self.work / "quantize-cache"
         total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
         label = {
             "static": "calibrating + quantizing",
@@ -241,7 +250,11 @@ class _Build:
             if spec.mode == "static" and total
             else contextlib.nullcontext(_ignore) as tick
         ):
-            res = quantize.run(fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i))
+            started = time.monotonic()
+            res = quantize.run(
+                fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i), cache_dir=self.cache_dir
+            )
+            self.quantize_seconds = time.monotonic() - started
         self.report["quantize"] = {
             "precision": res.precision,
             "method": res.method,
@@ -282,10 +295,113 @@ class _Build:
         with self.progress.bar("validating candidate", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
             out = validate.run_outputs(cand, feeds, self.options, progress=lambda: tick(next(count)))
-        task = validate.infer_task(ref[0].shape) if ref else "generic"
-        cmp = validate.compare(ref, out, task=task, labels=labels, sources=sources)
+        from toolchain.metrics import resolve
+
+        self.metric = resolve(self.req.metric, ref[0].shape if ref else ())
+        self.feeds, self.labels, self.sources = feeds, labels, sources
+        cmp = validate.compare(ref, out, task=self.metric.task, labels=labels, sources=sources, metric=self.metric)
         self.report["validation"] = dataclasses.asdict(cmp)
         return cmp, ref
+
+    def qat(self, model: Any, cand: Path, spec: QuantizationSpec, calib: Any, cmp: Any, ref: list[np.ndarray]) -> Any:
+        """Fine-tune with fake INT8 and distillation (``--train``) when PTQ still fails; re-export, quantize, gate."""
+        from toolchain import qat, validate
+
+        req = self.req
+        if not _qat_applies(req, model, spec):
+            return cmp
+        size = cand.stat().st_size
+        if validate.judge(req.profile, cmp, size_mb=size / 2**20, latency_p95_ms=None).passed:
+            self.report["qat"] = {"ran": False, "reason": "post-training quantization passes the gate"}
+            return cmp
+        loader = qat.load_loader(req.train)  # type: ignore[arg-type]  # _qat_applies checked it
+        self.progress.step("quantization-aware fine-tune with the FP32 model as teacher")
+        steps = len(loader) * qat.EPOCHS if hasattr(loader, "__len__") else 0
+        with self.progress.bar("fine-tune steps", steps) as tick:
+            student, res = qat.run(model.module, loader, progress=tick)
+        tuned = dataclasses.replace(model, module=student)
+        exported = self._export(tuned, self.work / "qat.onnx")
+        qat_cand = self.work / "qat-model.onnx"
+        from toolchain.passes import quantize
+
+        quantize.run(exported.path, qat_cand, spec, calibration=calib)
+        out = validate.run_outputs(qat_cand, self.feeds, self.options)
+        qcmp = validate.compare(
+            ref, out, task=self.metric.task, labels=self.labels, sources=self.sources, metric=self.metric
+        )
+        self.report["qat"] = {
+            "ran": True,
+            **dataclasses.asdict(res),
+            "validation": dataclasses.asdict(qcmp),
+            "ptq_validation": dataclasses.asdict(cmp),
+        }
+        better = (qcmp.agreement, -(qcmp.accuracy_drop or 0.0)) > (cmp.agreement, -(cmp.accuracy_drop or 0.0))
+        if not better:
+            self.warnings.append(
+                "quantization-aware training did not beat post-training quantization; kept the PTQ model"
+            )
+            return cmp
+        shutil.copyfile(qat_cand, cand)
+        self.report["qat"]["kept"] = True
+        self.report["validation"] = dataclasses.asdict(qcmp)
+        self.report["quantize"].update(excluded_nodes=[], float_groups=[], chosen_attempt="quantization-aware training")
+        return qcmp
+
+    def search(
+        self, fp32: Path, cand: Path, spec: QuantizationSpec, calib: Any, cmp: Any, ref: list[np.ndarray]
+    ) -> Any:
+        """Run the accuracy search when the recipe failed the gate; returns the comparison of the model kept."""
+        from toolchain import search, validate
+
+        req = self.req
+        size = cand.stat().st_size
+
+        def judge(c: Any, size_bytes: int) -> bool:
+            return validate.judge(req.profile, c, size_mb=size_bytes / 2**20, latency_p95_ms=None).passed
+
+        enabled = req.search if req.search is not None else True
+        if spec.mode != "static" or judge(cmp, size) or not enabled or calib is None:
+            if not enabled and not judge(cmp, size):
+                self.warnings.append("the recipe fails the gate and the search is off (--no-search)")
+            return cmp
+        outcome = search.run(
+            search.SearchInputs(
+                fp32=fp32,
+                spec=spec,
+                calibration=calib,
+                feeds=self.feeds,
+                labels=self.labels,
+                sources=self.sources,
+                reference=ref,
+                metric=self.metric,
+                profile=req.profile,
+                options=self.options,
+                work=self.work / "search",
+                cache_dir=self.cache_dir,
+                budget_s=req.search_budget,
+                calibration_seconds=getattr(self, "quantize_seconds", None),
+            ),
+            self.progress,
+            judge,
+        )
+        self.report["search"] = outcome.to_dict()
+        best = outcome.best
+        if best is None or best.comparison is None:
+            return cmp
+        search.keep(best, cand)
+        self.report["validation"] = dataclasses.asdict(best.comparison)
+        self.report["quantize"].update(
+            settings=best.settings,
+            excluded_nodes=[n for a in [best] for n in _nodes(outcome, a)],
+            float_groups=list(best.float_groups),
+            chosen_attempt=best.name,
+        )
+        if outcome.chosen is None:
+            self.warnings.append(
+                f"the search found no candidate that passes the gate in {outcome.seconds:.0f} s; "
+                f"kept the closest ({best.name})"
+            )
+        return best.comparison
 
     def bench(self, fp32: Path, cand: Path) -> tuple[Any, Any]:
         from toolchain.bench import bench_model, host_options
@@ -306,6 +422,28 @@ class _Build:
             "latency_ratio": results[1].p50_ms / results[0].p50_ms if results[0].p50_ms else None,
         }
         return results[0], results[1]
+
+
+def _qat_applies(req: BuildRequest, model: Any, spec: QuantizationSpec) -> bool:
+    """True when --train was given; refuses inputs QAT cannot handle."""
+    from toolchain.errors import UsageError
+
+    if req.train is None:
+        return False
+    if model.kind != "torch" or model.module is None:
+        raise UsageError(
+            f"quantization-aware training needs a PyTorch module:factory input, got a {model.kind} model",
+            flag="--train",
+        )
+    if spec.mode != "static":
+        raise UsageError(f"quantization-aware training targets static INT8, the recipe is {spec.mode}", flag="--train")
+    return True
+
+
+def _nodes(outcome: Any, attempt: Any) -> list[str]:
+    """Node names an attempt kept in float (from the sensitivity groups it lists)."""
+    wanted = set(attempt.float_groups)
+    return [n for s in outcome.sensitivity if s.group.label in wanted for n in s.group.nodes]
 
 
 def _ignore(done: int) -> None:
@@ -340,6 +478,8 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
         calib, val = b.datasets(inputs, spec, preprocess)
         cand, precision = b.quantize(model.kind, source.path, spec, calib)
         cmp, ref_out = b.validate(exported.path, cand, val, inputs)
+        cmp = b.search(source.path, cand, spec, calib, cmp, ref_out)
+        cmp = b.qat(model, cand, spec, calib, cmp, ref_out)
         if source is not exported:
             b.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
         ref_bench, cand_bench = b.bench(exported.path, cand)
@@ -352,6 +492,7 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
         if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
             if cand_bench.p50_ms > ref_bench.p50_ms and cand_size > 0.9 * ref_size:
                 b.warnings.append("the INT8 model is slower than FP32 on this host and no smaller")
+                _log.warning("%s: the INT8 model is slower than FP32 on this host and no smaller", name)
             elif cand_bench.p50_ms > 1.1 * ref_bench.p50_ms:
                 b.warnings.append(
                     f"INT8 runs slower than FP32 on this host "
