@@ -256,6 +256,11 @@ def test_ppocr_v4_detector_search_and_mixed_precision(tmp_path, keys):
         f"{len(search['attempts'])} attempts, {len(rep['quantize']['float_groups'])} groups float,",
         f"search {search['seconds']:.0f} s, build {wall:.0f} s, gate {'passed' if res.passed else 'FAILED'}",
     )
+    for a in search["attempts"]:
+        print(
+            f"  {a['name']}: IoU {a['agreement']} (worst {a['agreement_min']}), size {a['size_ratio']}x, {a['proxy']}"
+        )
+    print("  notes:", search["notes"])
     with tarfile.open(res.bundle) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert manifest["inputs"][0]["shape"] == [1, 3, 640, 640]
