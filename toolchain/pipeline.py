@@ -392,7 +392,7 @@ class _Build:
         self.report["validation"] = dataclasses.asdict(best.comparison)
         self.report["quantize"].update(
             settings=best.settings,
-            excluded_nodes=[n for a in [best] for n in _nodes(outcome, a)],
+            excluded_nodes=_nodes(outcome, best),
             float_groups=list(best.float_groups),
             chosen_attempt=best.name,
         )

@@ -130,14 +130,14 @@ class SearchOutcome:
 def latency_proxy(model_path: Path) -> dict[str, int]:
     """Static speed proxy for targets this host cannot time: float↔int8 boundaries and float nodes.
 
-    A boundary is a DequantizeLinear of an activation feeding a float node, or a
-    QuantizeLinear fed by one: each one is a conversion pass over a tensor and breaks a
-    QLinear fusion. Float nodes are compute nodes left outside any Q/DQ pair.
+    A node runs as an INT8 kernel when every input (weights included) arrives through a
+    DequantizeLinear and every output goes to a QuantizeLinear; any other node computes in
+    float. A boundary is a DequantizeLinear feeding a float node or a QuantizeLinear fed by
+    one: a conversion pass over a tensor that no QLinear fusion removes.
     """
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -147,16 +147,15 @@ def latency_proxy(model_path: Path) -> dict[str, int]:
     for n in graph.node:
         if n.op_type in _QDQ or n.op_type == "Constant":
             continue
-        acts = [i for i in n.input if i and i not in inits and i in producer and producer[i].op_type != "Constant"]
-        dq_in = [i for i in acts if producer[i].op_type == "DequantizeLinear"]
-        q_out = all(c.op_type == "QuantizeLinear" for o in n.output for c in consumers.get(o, [])) and any(
-            consumers.get(o) for o in n.output
-        )
-        if not (acts and len(dq_in) == len(acts) and q_out):
-            float_nodes += 1
-            boundaries += len(dq_in) + sum(
-                c.op_type == "QuantizeLinear" for o in n.output for c in consumers.get(o, [])
-            )
+        inputs = [i for i in n.input if i]
+        from_dq = [i for i in inputs if i in producer and producer[i].op_type == "DequantizeLinear"]
+        to_q = [c for o in n.output for c in consumers.get(o, []) if c.op_type == "QuantizeLinear"]
+        outputs_used = [c for o in n.output for c in consumers.get(o, [])]
+        # an int8 kernel: every input (weights too) arrives dequantized, every output is requantized
+        if inputs and len(from_dq) == len(inputs) and outputs_used and len(to_q) == len(outputs_used):
+            continue
+        float_nodes += 1
+        boundaries += len(from_dq) + len(to_q)
     return {"boundaries": boundaries, "float_nodes": float_nodes}
 
 
@@ -172,7 +171,7 @@ class _Search:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def quantize(self, spec: QuantizationSpec, tuning: Any, path: Path, feeds_idx: Sequence[int] | None = None) -> Path:
+    def quantize(self, spec: QuantizationSpec, tuning: Any, path: Path) -> Path:
         from toolchain.passes import quantize
 
         quantize.run(
@@ -293,10 +292,10 @@ def _ranges_cached(s: _Search, spec: QuantizationSpec) -> bool:
 
 
 def _calibration_estimate(s: _Search, method: str) -> float:
-    base = s.inp.calibration_seconds or 10.0
-    base_is_hist = s.inp.spec.calibration_method != "minmax"
-    factor = 1.0 if (method == "minmax") != base_is_hist or method == s.inp.spec.calibration_method else _HISTOGRAM_COST
-    return base / _HISTOGRAM_COST if method == "minmax" and base_is_hist else base * factor
+    """Seconds a calibration with ``method`` should take, scaled from the build's first calibration."""
+    measured = s.inp.calibration_seconds or 10.0
+    cost = {"minmax": 1.0, "entropy": _HISTOGRAM_COST, "percentile": _HISTOGRAM_COST}
+    return measured * cost[method] / cost[s.inp.spec.calibration_method]
 
 
 def _sensitivity(s: _Search, spec: QuantizationSpec, tuning: Any, groups: list[NodeGroup]) -> list[Sensitivity]:
