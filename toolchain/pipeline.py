@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence, Sized
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,8 +316,7 @@ class _Build:
             return cmp
         loader = qat.load_loader(req.train)  # type: ignore[arg-type]  # _qat_applies checked it
         self.progress.step("quantization-aware fine-tune with the FP32 model as teacher")
-        steps = len(loader) * qat.EPOCHS if isinstance(loader, Sized) else 0
-        with self.progress.bar("fine-tune steps", steps) as tick:
+        with self.progress.bar("fine-tune steps", qat.STEPS) as tick:
             student, res = qat.run(model.module, loader, progress=tick)
         tuned = dataclasses.replace(model, module=student)
         exported = self._export(tuned, self.work / "qat.onnx")

@@ -7,6 +7,7 @@ from a moving min/max, like MinMax calibration). The FP32 model is the teacher; 
 ``T² · KL(student/T ‖ teacher/T)`` plus cross-entropy on the labels when the loader gives them.
 Gradients pass the rounding straight through (``torch.fake_quantize_*``).
 
+The fine-tune is :data:`STEPS` batches (the loader is cycled), Adam at 1e-3 with a cosine decay.
 After the fine-tune the fake quantization is removed: the result is an FP32 model whose weights
 tolerate INT8, which the pipeline exports, quantizes and gates as usual (against the original
 FP32 reference, not the fine-tuned one).
@@ -26,10 +27,10 @@ from typing import Any
 
 from toolchain.errors import PassError, UsageError
 
-__all__ = ["EPOCHS", "QatResult", "load_loader", "run"]
+__all__ = ["STEPS", "QatResult", "load_loader", "run"]
 
 PASS_NAME = "qat"
-EPOCHS = 8
+STEPS = 800  # optimizer steps of the fine-tune (the loader is cycled)
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -37,7 +38,7 @@ _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class QatResult:
     """What the fine-tune did."""
 
-    epochs: int
+    epochs: int  # passes over the loader (the last one may be partial)
     steps: int
     first_loss: float
     last_loss: float
@@ -136,14 +137,14 @@ def run(
     module: Any,
     loader: Iterable[Any],
     *,
-    epochs: int = EPOCHS,
+    steps: int = STEPS,
     lr: float = 1e-3,
     temperature: float = 4.0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Any, QatResult]:
-    """Fine-tune a copy of ``module`` with fake INT8 and the original as teacher; returns (FP32 student, result)."""
+    """Fine-tune a copy of ``module`` for ``steps`` batches (cycling the loader) with fake INT8 and
+    the original as teacher; returns (FP32 student, result)."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -152,32 +153,28 @@ def run(
     student = copy.deepcopy(module).train()
     remove = _instrument(student)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses: list[float] = []
-    labeled = False
+    labeled = epochs = 0
     try:
-        for _ in range(epochs):
+        while len(losses) < steps:
+            epochs += 1
+            before = len(losses)
             for batch in loader:
                 x, y = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-                with torch.no_grad():
-                    t_out = teacher(x)
-                s_out = student(x)
-                loss = (
-                    F.kl_div(
-                        F.log_softmax(s_out / temperature, dim=-1),
-                        F.softmax(t_out / temperature, dim=-1),
-                        reduction="batchmean",
-                    )
-                    * temperature**2
-                )
-                if y is not None:
-                    labeled = True
-                    loss = loss + F.cross_entropy(s_out, y)
+                labeled |= y is not None
+                loss = _distill_step(teacher, student, x, y, temperature)
                 opt.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 opt.step()
+                sched.step()
                 losses.append(float(loss.detach()))
                 if progress:
                     progress(len(losses))
+                if len(losses) >= steps:
+                    break
+            if len(losses) == before:
+                raise UsageError("the --train loader yielded no batches", flag="--train")
     except (RuntimeError, TypeError, ValueError) as exc:
         raise PassError(
             f"fine-tuning failed ({type(exc).__name__}: {exc}); the --train loader must yield "
@@ -187,7 +184,20 @@ def run(
     finally:
         remove()
         torch.set_num_threads(threads)
-    if not losses:
-        raise UsageError("the --train loader yielded no batches", flag="--train")
     student.eval()
-    return student, QatResult(epochs, len(losses), losses[0], losses[-1], labeled, temperature)
+    return student, QatResult(epochs, len(losses), losses[0], losses[-1], bool(labeled), temperature)
+
+
+def _distill_step(teacher: Any, student: Any, x: Any, y: Any, temperature: float) -> Any:
+    """``T² · KL(student/T ‖ teacher/T)``, plus cross-entropy when there are labels."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        t_out = teacher(x)
+    s_out = student(x)
+    soft = F.kl_div(
+        F.log_softmax(s_out / temperature, dim=-1), F.softmax(t_out / temperature, dim=-1), reduction="batchmean"
+    )
+    loss = soft * temperature**2
+    return loss + F.cross_entropy(s_out, y) if y is not None else loss

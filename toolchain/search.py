@@ -339,25 +339,40 @@ def _mixed_precision(s: _Search, spec: QuantizationSpec, tuning: Any, ranked: li
     if not order:
         s.out.notes.append("mixed precision skipped: no node group showed any error when quantized alone")
         return
-    lo, hi, k = 0, None, 1
+    lo, hi, k, too_big = 0, None, 1, None
     while k <= len(order) and s.left() > 0:
         att = _mp_attempt(s, spec, tuning, order[:k])
+        if att.size_ratio > MAX_SIZE_RATIO:
+            too_big = k
+            s.out.notes.append(
+                f"mixed precision: {k} float groups make the model {att.size_ratio:.2f}× FP32, over the "
+                f"{MAX_SIZE_RATIO}× limit; searched below it"
+            )
+            break
         if att.passed:
             hi = k
             break
-        if att.size_ratio > MAX_SIZE_RATIO:
-            s.out.notes.append(
-                f"mixed precision stopped at {k} float groups: size {att.size_ratio:.2f}× FP32 "
-                f"exceeds {MAX_SIZE_RATIO}×"
-            )
-            return
         lo, k = k, min(k * 2, len(order)) if k < len(order) else k + 1
-    while hi is not None and hi - lo > 1 and s.left() > 0:
-        mid = (lo + hi) // 2
-        if _mp_attempt(s, spec, tuning, order[:mid]).passed:
+    while hi is None and too_big is not None and too_big - lo > 1 and s.left() > 0:
+        mid = (lo + too_big) // 2  # the largest float set that still fits the size limit
+        att = _mp_attempt(s, spec, tuning, order[:mid])
+        if att.size_ratio > MAX_SIZE_RATIO:
+            too_big = mid
+        elif att.passed:
             hi = mid
         else:
             lo = mid
+    while hi is not None and hi - lo > 1 and s.left() > 0:
+        mid = (lo + hi) // 2  # the fewest float groups that pass
+        if _acceptable(_mp_attempt(s, spec, tuning, order[:mid])):
+            hi = mid
+        else:
+            lo = mid
+
+
+def _acceptable(a: Attempt) -> bool:
+    """Passes the gate, and a mixed-precision model stays within the size limit."""
+    return a.passed and (a.phase == "recipe" or a.size_ratio <= MAX_SIZE_RATIO)
 
 
 def _mp_attempt(s: _Search, spec: QuantizationSpec, tuning: Any, groups: Sequence[NodeGroup]) -> Attempt:
@@ -375,10 +390,11 @@ def _choose(s: _Search) -> None:
     """The fastest passing attempt: host timing when the host is the target's arch, else the proxy."""
     from toolchain.validate import host_matches
 
-    passing = [a for a in s.out.attempts if a.passed]
+    passing = [a for a in s.out.attempts if _acceptable(a)]
     if not passing:
         s.out.chosen = None
-        s.out.best = max(s.out.attempts, key=_quality) if s.out.attempts else None
+        small = [a for a in s.out.attempts if a.phase == "recipe" or a.size_ratio <= MAX_SIZE_RATIO]
+        s.out.best = max(small, key=_quality) if small else None
         return
     if host_matches(s.inp.profile) and len(passing) > 1:
         s.out.speed_basis = "host p50 latency (host = target architecture)"
