@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engine import EngineOptions, open_engine
+from runtime.engine import EngineOptions, backend_for, open_engine
 from runtime.manifest import TensorSpec
 
 __all__ = ["BenchResult", "benchmark", "random_feeds"]
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     result = benchmark(
         args.model,
         opts,
+        backend=backend_for(args.model),
         feeds=feeds,
         warmup=args.warmup,
         iterations=args.iterations,

@@ -1,4 +1,4 @@
-"""The `edge-runtime` command: infer, serve, bench, status and log on the device."""
+"""The `edge-runtime` command: infer, serve, bench, status, log and models on the device."""
 
 from __future__ import annotations
 
@@ -130,6 +130,100 @@ def cmd_log(args: argparse.Namespace) -> int:
     return log_command(args)
 
 
+def _model_store(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The model store and state directory named by --state-dir, else by the config."""
+    from runtime.store import ModelStore
+
+    if args.state_dir:
+        state = Path(args.state_dir)
+        return ModelStore(state / "models"), state
+    from runtime.config import load_config
+
+    cfg = load_config(args.config)
+    return ModelStore.from_config(cfg), cfg.state_path
+
+
+def _reload_service(state: Path) -> str:
+    """SIGHUP the running service (status.json's pid) so it serves the store's active version."""
+    import signal
+
+    from runtime.service import STATUS_FILE
+
+    try:
+        pid = json.loads((state / STATUS_FILE).read_text()).get("pid")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if isinstance(pid, int) and pid > 0 else b""
+    except (OSError, ValueError, AttributeError):
+        cmdline = b""
+    if b"runtime" not in cmdline or b"serve" not in cmdline:  # none, or a stale pid now someone else's
+        return "the service is not running; it serves the active version when it starts"
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return "the service is not running; it serves the active version when it starts"
+    except PermissionError:
+        return f"not allowed to signal the service (pid {pid}); run as its user or: systemctl reload edge-runtime"
+    return f"sent SIGHUP to the service (pid {pid}); it switches to the active version now"
+
+
+def _models_table(store: Any) -> list[dict[str, Any]]:
+    active, previous, good = store.active(), store.previous(), store.is_good()
+    rows = []
+    for m in store.list():
+        is_active = active is not None and m.key == active.key
+        is_previous = previous is not None and m.key == previous.key
+        rows.append({**m.to_dict(), "active": is_active, "previous": is_previous, "good": is_active and good})
+    return rows
+
+
+def _print_models(rows: list[dict[str, Any]], root: Path) -> None:
+    import datetime as dt
+
+    if not rows:
+        print(f"no models in {root}")
+        return
+    print(f"{'NAME':<20} {'VERSION':<12} {'PROFILE':<16} {'SIZE':>10}  {'ADDED (UTC)':<20} STATE")
+    for r in rows:
+        added = dt.datetime.fromtimestamp(r["added_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        mark = ("active, good" if r["good"] else "active, not yet good") if r["active"] else ""
+        mark = "previous" if r["previous"] else mark
+        size = f"{r['size'] / 1024**2:.2f} MiB" if r["size"] >= 1024**2 else f"{r['size'] / 1024:.1f} KiB"
+        print(f"{r['name']:<20} {r['version']:<12} {r['profile']:<16} {size:>10}  {added:<20} {mark}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store, state = _model_store(args)
+    if args.action == "list":
+        rows = _models_table(store)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_models(rows, store.root)
+        return 0
+    if args.action == "add":
+        m = store.add(Path(args.bundle), trusted_keys=_trusted_keys(args))
+        print(
+            f"stored {m.name} {m.version} ({m.profile}, sha256 {m.sha256[:16]}…); activate it with: "
+            f"edge-runtime models activate {m.name} {m.version}"
+        )
+        return 0
+    if args.action == "activate":
+        m = store.activate(args.name, args.version)
+        prev = store.previous()
+        print(f"active: {m.name} {m.version} (previous: {f'{prev.name} {prev.version}' if prev else 'none'})")
+    else:
+        to = None
+        if args.to:
+            current = store.active()
+            name = args.name or (current.name if current is not None else None)
+            if name is None:
+                raise ConfigError("no active model to take the name from; pass --name", key="--name")
+            to = (name, args.to)
+        m = store.rollback(to, reason="edge-runtime models rollback")
+        print(f"active: {m.name} {m.version} (rolled back)")
+    print(_reload_service(state))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     ap = argparse.ArgumentParser(prog="edge-runtime", description="edgefleet on-device runtime.")
@@ -188,7 +282,39 @@ def make_parser() -> argparse.ArgumentParser:
     lg.add_argument("--since", help="export rows newer than this: 1h, 30m, 2d or an ISO time")
     lg.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
     lg.set_defaults(func=cmd_log)
+    _models_parser(sub)
     return ap
+
+
+def _models_parser(sub: Any) -> None:
+    m = sub.add_parser(
+        "models",
+        help="model versions on this device: list, add, activate, rollback",
+        description="The on-device model store (<state_dir>/models). activate and rollback make a running "
+        "service switch at once (SIGHUP).",
+    )
+    actions = m.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def where(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"service config (default {DEFAULT_CONFIG})")
+        p.add_argument("--state-dir", help="state directory (default: from the config)")
+
+    ls = actions.add_parser("list", help="versions held, newest first, with active/previous/good markers")
+    ls.add_argument("--json", action="store_true", help="a JSON array")
+    where(ls)
+    ad = actions.add_parser("add", help="verify a bundle and store it (does not activate it)")
+    ad.add_argument("bundle", help="bundle .tar or directory")
+    ad.add_argument("--trusted-key", action="append", metavar="FILE.pub", help="trusted key (default: the config's)")
+    where(ad)
+    ac = actions.add_parser("activate", help="make a held version active (crash-loop protection applies)")
+    ac.add_argument("name")
+    ac.add_argument("version")
+    where(ac)
+    rb = actions.add_parser("rollback", help="back to the previous version, or --to a held one")
+    rb.add_argument("--to", metavar="VERSION", help="a held version (default: the previous one)")
+    rb.add_argument("--name", help="model name for --to (default: the active model's)")
+    where(rb)
+    m.set_defaults(func=cmd_models)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,14 +14,18 @@ order, and the ``reason`` each refusal carries (:class:`~runtime.errors.CommandR
 device or group: refused *and* acked, so a mis-addressed command is visible to the operator),
 ``replayed`` (id already accepted), ``expired`` (now > expires_at), ``from-the-future``
 (issued_at > now + max_skew_s), ``stale`` (issued before the newest accepted command),
-``unknown-type`` (no handler: ``model.deploy`` and ``model.rollback`` until the model-update work
-plugs in with ``channel.handlers["model.deploy"] = handler``).
+``unknown-type`` (no handler for the type; the service plugs ``model.deploy`` and
+``model.rollback`` in with ``channel.handlers["model.deploy"] = handler``, see runtime.deploy).
 
 Acks go to ``edge/<fleet>/<device>/cmd/ack`` at QoS 1:
 ``{"id", "device", "type", "status": "accepted"|"ok"|"refused"|"error", "reason"?, "result"?, "ts"}``.
-Long-running types get ``accepted`` before their final ack. A command is idempotent by id: a
-repeated delivery of an executed id re-sends the stored final ack and runs nothing; a repeat of an
-id accepted but never finished (the process died running it) is refused ``replayed``.
+Long-running types get ``accepted`` before their final ack. A handler that finishes later (a
+rollout) returns :class:`Deferred`: the channel acks ``accepted``, marks the id deferred in the
+replay state, and :meth:`CommandChannel.complete` sends the final ack when the work ends — after a
+restart too, since the deferred ids are persisted (:meth:`ReplayState.pending`). A command is
+idempotent by id: a repeated delivery of an executed id re-sends the stored final ack and runs
+nothing; of a deferred id still running, re-sends ``accepted``; a repeat of an id accepted but
+never finished (the process died running it) is refused ``replayed``.
 
 Replay state lives in ``<state_dir>/commands.json`` (written atomically: tmp, fsync, rename, fsync
 dir): the newest accepted ids with their final acks, the newest accepted ``issued_at``. Only
@@ -74,6 +78,7 @@ __all__ = [
     "STATE_FILE",
     "Command",
     "CommandChannel",
+    "Deferred",
     "Handler",
     "ReplayState",
     "RestartHandler",
@@ -123,7 +128,15 @@ class Command:
     raw: bytes
 
 
-Handler = Callable[[Command], dict[str, Any]]
+@dataclass(frozen=True)
+class Deferred:
+    """What a handler returns when it finishes later: the channel acks ``accepted`` now and waits for
+    :meth:`CommandChannel.complete`."""
+
+    note: str = ""
+
+
+Handler = Callable[[Command], "dict[str, Any] | Deferred"]
 
 
 class _Handle(Protocol):
@@ -398,7 +411,20 @@ class ReplayState:
         with self._lock:
             if command_id in self._seen:
                 self._seen[command_id]["ack"] = stored
+                self._seen[command_id].pop("deferred", None)
                 self._save(command_id)
+
+    def defer(self, command_id: str, command_type: str) -> None:
+        """Mark an accepted id as finishing later (persisted; :meth:`pending` lists it until :meth:`finish`)."""
+        with self._lock:
+            if command_id in self._seen:
+                self._seen[command_id]["deferred"] = command_type
+                self._save(command_id)
+
+    def pending(self) -> dict[str, str]:
+        """Deferred ids without a final ack yet → their command type."""
+        with self._lock:
+            return {k: v["deferred"] for k, v in self._seen.items() if v.get("deferred") and v["ack"] is None}
 
     def _save(self, command_id: str | None) -> None:
         doc = {
@@ -444,6 +470,8 @@ class ReplayState:
             if not isinstance(entry["id"], str) or not (ack is None or isinstance(ack, dict)):
                 raise ValueError("bad entry")
             self._seen[entry["id"]] = {"issued_at": _finite(entry["issued_at"]), "ack": ack}
+            if isinstance(entry.get("deferred"), str) and ack is None:
+                self._seen[entry["id"]]["deferred"] = entry["deferred"]
         while len(self._seen) > self.max_ids:
             self._floor = max(self._floor, self._seen.popitem(last=False)[1]["issued_at"])
 
@@ -592,6 +620,12 @@ class CommandChannel:
             )
         except CommandRefused as exc:
             stored = self.state.final_ack(exc.command_id) if exc.reason == "replayed" and exc.command_id else None
+            waiting = self.state.pending().get(exc.command_id or "") if exc.reason == "replayed" else None
+            if stored is None and waiting is not None and exc.command_id:
+                self.counts["duplicate"] += 1
+                again = self._ack(exc.command_id, waiting, "accepted")
+                self._publish(again)
+                return [again]
             if stored is not None:
                 self.counts["duplicate"] += 1
                 log.info("command %s delivered again; re-sending its final ack", exc.command_id)
@@ -616,6 +650,15 @@ class CommandChannel:
             acks.append(self._ack(cmd.id, cmd.type, "accepted"))
             self._publish(acks[-1])
         final = self._execute(handler, cmd)
+        if final is None:  # Deferred: complete() sends the final ack
+            if cmd.type not in self.long_running:
+                acks.append(self._ack(cmd.id, cmd.type, "accepted"))
+                self._publish(acks[-1])
+            try:
+                self.state.defer(cmd.id, cmd.type)
+            except CommandError as exc:
+                log.error("%s", exc)
+            return acks
         self.counts["ok" if final["status"] == "ok" else "error"] += 1
         try:
             self.state.finish(cmd.id, final)
@@ -633,7 +676,44 @@ class CommandChannel:
                 log.exception("after_ack of %s (command %s) raised", cmd.type, cmd.id)
         return acks
 
-    def _execute(self, handler: Handler, cmd: Command) -> dict[str, Any]:
+    def complete(
+        self,
+        command_id: str,
+        command_type: str,
+        *,
+        status: str = "ok",
+        result: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        wait_s: float = 0.0,
+    ) -> bool | None:
+        """Store and send the final ack of a deferred command; None (nothing sent) when it was finished before.
+
+        True when the ack was PUBACKed within ``wait_s`` (or, with 0, handed to the link).
+        """
+        if self.state.final_ack(command_id) is not None:
+            return None
+        final = self._ack(command_id, command_type, status, reason=reason, result=dict(result) if result else None)
+        self.counts["ok" if status == "ok" else "error"] += 1
+        try:
+            self.state.finish(command_id, final)
+        except CommandError as exc:
+            log.error("%s", exc)
+        return self._confirmed(self._publish(final), wait_s)
+
+    def resend(self, command_id: str, *, wait_s: float = 0.0) -> bool:
+        """Publish the stored final ack of ``command_id`` again (False when none is stored or no PUBACK came)."""
+        stored = self.state.final_ack(command_id)
+        if stored is None:
+            return False
+        return self._confirmed(self._publish(stored), wait_s)
+
+    @staticmethod
+    def _confirmed(handle: _Handle | None, wait_s: float) -> bool:
+        if handle is None:
+            return False
+        return True if wait_s <= 0 else handle.wait(wait_s)
+
+    def _execute(self, handler: Handler, cmd: Command) -> dict[str, Any] | None:
         try:
             result = handler(cmd)
         except CommandRefused as exc:
@@ -645,6 +725,8 @@ class CommandChannel:
         except Exception as exc:
             log.exception("the %s handler raised on command %s", cmd.type, cmd.id)
             return self._ack(cmd.id, cmd.type, "error", reason=f"{type(exc).__name__}: {exc}")
+        if isinstance(result, Deferred):
+            return None
         try:
             if not isinstance(result, Mapping):
                 raise TypeError(f"returned {type(result).__name__}, not a dict")
@@ -928,7 +1010,7 @@ def builtin_handlers(
 ) -> dict[str, Handler]:
     """ping, status, config.set, logs.request and service.restart, wired to the service's callables.
 
-    ``model.deploy`` / ``model.rollback`` are absent (refused ``unknown-type``) until plugged in.
+    ``model.deploy`` / ``model.rollback`` are not here: the service plugs in :mod:`runtime.deploy`'s handlers.
     """
     return {
         "ping": ping_handler(started_monotonic=started_monotonic),

@@ -23,7 +23,9 @@ __all__ = [
     "HealthSection",
     "HttpSection",
     "LogbookSection",
+    "ModelsSection",
     "MqttSection",
+    "RolloutSection",
     "ServiceConfig",
     "SourceSection",
     "ThreadsSection",
@@ -193,6 +195,58 @@ class EscalationSection:
 
 
 @dataclass(frozen=True)
+class ModelsSection:
+    """The on-device model store (`<state_dir>/models`) and crash-loop rollback of a new version."""
+
+    keep: int = 3  # versions held per model name; the active and previous ones are never collected
+    crash_limit: int = 3  # this many starts of a not-yet-good version within crash_window_s → revert
+    crash_window_s: float = 600.0
+    good_after_s: float = 120.0  # serving this long without a crash marks the active version good
+
+    def _validate(self) -> str | None:
+        if not 1 <= self.keep <= 1000:
+            return "keep: expected 1..1000 (the active and previous versions are always kept)"
+        if not 1 <= self.crash_limit <= 1000:
+            return "crash_limit: expected 1..1000 starts"
+        if not 1.0 <= self.crash_window_s <= 604800.0:
+            return "crash_window_s: expected 1..604800 seconds"
+        if not 0.0 <= self.good_after_s <= 86400.0:
+            return "good_after_s: expected 0..86400 seconds"
+        return None
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    """Defaults of a `model.deploy` that does not set them: the gates and the shares of traffic a candidate sees."""
+
+    min_samples: int = 30  # candidate runs per stage before the gates are judged
+    max_p95_ratio: float = 1.5  # candidate p95 latency ÷ active p95 latency
+    min_agreement: float = 0.9  # share of inputs where the candidate agrees with the active model
+    max_error_rate: float = 0.02  # candidate runs that raised (engine, pre- or post-processing)
+    max_duration_s: float = 600.0  # per stage: fewer than min_samples by then → rolled back (timeout)
+    shadow_share: float = 1.0  # share of served inputs the candidate also runs on in shadow
+    canary_share: float = 0.1  # share of requests the candidate serves in canary
+    shadow_queue: int = 8  # shadow inputs waiting for the candidate; more are dropped, never waited for
+
+    def _validate(self) -> str | None:
+        from runtime.rollout import Gates
+
+        gates = Gates(
+            self.min_samples, self.max_p95_ratio, self.min_agreement, self.max_error_rate, self.max_duration_s
+        )
+        problem = gates._validate()
+        if problem:
+            return problem
+        if not 0.0 < self.shadow_share <= 1.0:
+            return "shadow_share: expected 0 < share <= 1"
+        if not 0.0 < self.canary_share <= 1.0:
+            return "canary_share: expected 0 < share <= 1"
+        if not 1 <= self.shadow_queue <= 1024:
+            return "shadow_queue: expected 1..1024"
+        return None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything `edge-runtime serve` needs."""
 
@@ -216,6 +270,8 @@ class ServiceConfig:
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     escalation: EscalationSection = field(default_factory=EscalationSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def _validate(self) -> str | None:
         if self.escalation.enabled and not self.mqtt.enabled:

@@ -13,7 +13,7 @@ from runtime.errors import EngineError
 from runtime.manifest import TensorSpec
 from runtime.profile import DeviceProfile
 
-__all__ = ["Engine", "EngineOptions", "open_engine"]
+__all__ = ["Engine", "EngineOptions", "backend_for", "open_engine"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the session."""
         ...
+
+
+def backend_for(model: Path) -> str:
+    """The backend a bare model file needs, from its suffix: ``.tflite`` → tflite, anything else → onnxruntime."""
+    return "tflite" if Path(model).suffix.lower() == ".tflite" else "onnxruntime"
 
 
 def open_engine(model: Path, *, backend: str = "onnxruntime", options: EngineOptions | None = None) -> Engine:

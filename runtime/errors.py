@@ -13,6 +13,10 @@ Every error the runtime raises on purpose derives from :class:`EdgeError`::
     ├── EngineError            the inference engine could not load or run the model
     │   └── InputError         an input that does not fit the model (shape, dtype, unreadable file)
     ├── LogbookError           the on-device SQLite log cannot be opened, migrated or written (path named)
+    ├── StoreError             the on-device model store: a version not held, a changed version, a bad pointer
+    ├── DownloadError          a model download that failed or did not match its sha256 (url named)
+    ├── DeltaError             a delta bundle that does not apply: wrong base, truncated, corrupt, bad result
+    ├── RolloutError           the rollout ledger cannot be read or written, or a rollout cannot move on
     └── CommandError           a fleet command that could not be carried out (command id named)
         └── CommandRefused     a command refused before running: unsigned, bad signature, expired,
                                replayed, malformed…; ``reason`` is a short stable string for the ack
@@ -29,6 +33,8 @@ __all__ = [
     "CommandError",
     "CommandRefused",
     "ConfigError",
+    "DeltaError",
+    "DownloadError",
     "EdgeError",
     "EngineError",
     "InputError",
@@ -36,7 +42,9 @@ __all__ = [
     "LogbookError",
     "ManifestError",
     "ProfileError",
+    "RolloutError",
     "SignatureError",
+    "StoreError",
     "UnsafeArchiveError",
 ]
 
@@ -105,6 +113,38 @@ class InputError(EngineError):
 
 class LogbookError(EdgeError):
     """The on-device SQLite log cannot be opened, migrated, read or written."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class StoreError(EdgeError):
+    """The on-device model store cannot add, find or switch a version (store path named when known)."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class DownloadError(EdgeError):
+    """A download that failed or whose content does not match its sha256; ``url`` names the source."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        self.url = url
+        super().__init__(f"{url}: {message}" if url else message)
+
+
+class DeltaError(EdgeError):
+    """A delta bundle that cannot be applied (wrong base, truncated, corrupt, result hash or size off)."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class RolloutError(EdgeError):
+    """The rollout ledger cannot be read or written, or a rollout cannot make the move asked of it."""
 
     def __init__(self, message: str, *, path: str | Path | None = None):
         self.path = str(path) if path is not None else None

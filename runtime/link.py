@@ -14,8 +14,10 @@ paho reports the PUBACK with a success reason code (QoS 1), ``failed`` on a fail
 (MQTT 5, e.g. 0x87 not authorized) or when the link stops. paho keeps unacknowledged QoS 1
 messages in memory and sends them again after a reconnect, within this process only: the durable
 copy is the caller's (the logbook outbox), which must publish again what was not acked when the
-process died. Subscriptions are made again after every connect. Handlers run on the network thread:
-keep them short; an exception in one is logged and does not stop the link.
+process died. Subscriptions are made again after every connect (until :meth:`Link.unsubscribe`);
+every SUBSCRIBE, even for a filter already held, makes the broker send its retained messages again.
+Handlers run on the network thread: keep them short; an exception in one is logged and does not stop
+the link.
 """
 
 from __future__ import annotations
@@ -213,6 +215,7 @@ class Link:
         self._pending: dict[tuple[int, int], PublishHandle] = {}
         self._early: dict[tuple[int, int], tuple[bool, str | None]] = {}
         self._subs: list[_Subscription] = []
+        self._unsubscribe_later: set[str] = set()  # dropped while offline: the persistent session still has them
         self._suback: dict[tuple[int, int], list[str]] = {}
         self._early_suback: dict[tuple[int, int], list[ReasonCode]] = {}
         self._subscribed: set[str] = set()
@@ -342,6 +345,30 @@ class Link:
             client = self._client if self.connected else None
         if client is not None:
             self._send_subscribe(client, [(topic_filter, qos)])
+
+    def unsubscribe(self, topic_filter: str, handler: Callable[[Message], None] | None = None) -> None:
+        """Stop delivering ``topic_filter`` to ``handler`` (to every handler when None).
+
+        The broker is sent an UNSUBSCRIBE only when no handler is left on that filter, now and again on
+        the next connect (the persistent session would keep a subscription whose UNSUBSCRIBE was lost
+        with the connection); not renewed on reconnect from then on. Unknown filters are ignored.
+        """
+        with self._lock:
+            kept = [
+                s
+                for s in self._subs
+                if s.topic_filter != topic_filter or (handler is not None and s.handler != handler)
+            ]
+            removed = len(kept) != len(self._subs)
+            self._subs = kept
+            last = removed and not any(s.topic_filter == topic_filter for s in kept)
+            if last:
+                self._subscribed.discard(topic_filter)
+                # sent again on the next connect: one sent just as the connection dropped is lost
+                self._unsubscribe_later.add(topic_filter)
+            client = self._client if self.connected and last else None
+        if client is not None:
+            client.unsubscribe(topic_filter)
 
     def wait_subscribed(self, topic_filter: str, timeout: float) -> bool:
         """Block until the broker granted ``topic_filter`` on the current connection."""
@@ -486,6 +513,8 @@ class Link:
             self.connects += 1
             self._subscribed.clear()
             subs = [(s.topic_filter, s.qos) for s in self._subs]
+            stale = sorted(self._unsubscribe_later - {f for f, _ in subs})
+            self._unsubscribe_later.clear()
             callbacks = list(self._connect_callbacks)
         self._connected.set()
         log.info(
@@ -498,6 +527,8 @@ class Link:
         )
         if subs:
             self._send_subscribe(client, list(dict.fromkeys(subs)))
+        if stale:
+            client.unsubscribe(stale)
         for callback in callbacks:
             try:
                 callback(bool(flags.session_present))

@@ -1,4 +1,4 @@
-"""`edge-runtime serve`: wires model, thread plan, logbook, sources, HTTP endpoint, health and systemd."""
+"""`edge-runtime serve`: wires model store, rollouts, thread plan, logbook, sources, HTTP endpoint, health, systemd."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 from runtime.config import ServiceConfig
 from runtime.errors import ConfigError, EdgeError, InputError
+from runtime.serving import Models, feeds_for
+from runtime.shadow import Trial
 
 __all__ = ["Service", "log_command", "parse_since", "read_status"]
 
@@ -80,7 +82,8 @@ class Service:
         self.escalator: Any = None
         self.stats = _Stats()
         self.stop_event = threading.Event()
-        self.model: Any = None
+        self.models: Models | None = None
+        self._crash_version: str | None = None
         self.plan: dict[str, Any] = {}
         self.logbook: Any = None
         self.source: Any = None
@@ -88,8 +91,12 @@ class Service:
         self.cache: Any = None
         self.smoother: Any = None
         self.health_snapshot: dict[str, Any] = {}
-        self.model_lock = threading.RLock()
         self._io_cores: tuple[int, ...] = ()
+
+    @property
+    def model(self) -> Any:
+        """The model new requests go to (None before ``open()``)."""
+        return self.models.slot.current if self.models is not None else None
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -119,29 +126,23 @@ class Service:
     def load(self, bundle: str | Path) -> Any:
         """Verify and load a bundle (does not replace the serving model)."""
         from runtime.model import load_model
+        from runtime.store import inject_crash
 
         model = load_model(
             Path(bundle), trusted_keys=self._trusted(), options=self._options, providers=self.cfg.providers or None
         )
+        inject_crash(self._crash_version, model.version)
         model.warmup(self.cfg.warmup_runs)
         return model
 
     def swap(self, bundle: str | Path) -> bool:
         """Load ``bundle`` beside the serving model and switch to it; on any failure keep serving the old one."""
-        try:
-            new = self.load(bundle)
-        except EdgeError as exc:
-            log.error("refused bundle %s: %s", bundle, exc)
-            self._event("model.refused", f"refused bundle {bundle}: {exc}", level="error", bundle=str(bundle))
-            return False
-        with self.model_lock:
-            old, self.model = self.model, new
-            if self.cache is not None:
-                self.cache.clear()  # cached results belong to the old model
-        self._event("model.activated", f"serving {new.name} {new.version}", name=new.name, version=new.version)
-        if old is not None:
-            old.close()
-        return True
+        assert self.models is not None, "open() first"
+        return self.models.swap(bundle)
+
+    def _clear_cache(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()  # cached results belong to the old model
 
     def _open_logbook(self) -> Any:
         from runtime.logbook import Logbook, LogbookConfig
@@ -184,23 +185,49 @@ class Service:
             hit = self.cache.get(item.digest)
             if hit is not None:
                 return {**hit, "cached": True}
-        with self.model_lock:
-            model = self.model
         self._busy_since = time.monotonic()
         try:
-            return self._infer(model, item)
+            models = self.models
+            assert models is not None, "open() first"
+            trial = models.trial
+            if trial is not None and trial.take_canary():
+                served = self._canary(trial, item)
+                if served is not None:
+                    return served
+            with models.slot.borrow() as model:
+                return self._infer(model, item, trial)
         finally:
             self._busy_since = None
 
-    def _infer(self, model: Any, item: Any) -> dict[str, Any]:
+    def _canary(self, trial: Trial, item: Any) -> dict[str, Any] | None:
+        """Serve ``item`` with the candidate; None (the active model serves it) when the candidate raised."""
+        if not trial.candidate.acquire():
+            return None
+        try:
+            model = trial.candidate.model
+            try:
+                feeds = feeds_for(model, item)
+                pred = model.run(feeds, ref=item.ref)
+            except Exception as exc:  # the candidate's failure is counted against it, never served
+                log.debug("canary candidate raised on %s: %s", item.ref, exc)
+                trial.canary_result(item, None)
+                return None
+            trial.canary_result(item, pred)
+            return self._record(model, item, pred, feeds, canary=True)
+        finally:
+            trial.candidate.release()
+
+    def _infer(self, model: Any, item: Any, trial: Trial | None = None) -> dict[str, Any]:
         if self._stall_after and self.stats.total >= self._stall_after:
             log.warning("EDGE_TEST_STALL_AFTER reached: stalling the inference loop (fault injection)")
             self.stop_event.wait()
-        if item.kind == "image":
-            feeds = model.tensor_from_image(item.data)
-        else:
-            feeds = model.tensor_from_array(item.data, source=item.ref)
+        feeds = feeds_for(model, item)
         pred = model.run(feeds, ref=item.ref)
+        if trial is not None:
+            trial.served(feeds, pred)
+        return self._record(model, item, pred, feeds)
+
+    def _record(self, model: Any, item: Any, pred: Any, feeds: Any, *, canary: bool = False) -> dict[str, Any]:
         record = pred.to_dict()
         if self.smoother is not None and "topk" in record and pred.outputs and "#frame=" in item.ref:
             pp = model.manifest.postprocess
@@ -208,6 +235,8 @@ class Service:
                 pred.outputs[0].reshape(-1), softmax=pp.softmax, labels=pp.labels
             ).to_dict()
         record.update(model=model.name, version=model.version)
+        if canary:
+            record["canary"] = True
         escalator = self.escalator
         if escalator is not None and escalator.wants(record):
             record = self._escalate(escalator, record, item, feeds)
@@ -278,20 +307,20 @@ class Service:
 
         ``run()`` calls it first; benchmarks and embedders call ``open()`` … ``infer_item()`` … ``close()``.
         """
+        from runtime.store import crash_injection
+
         self._options = self._engine_options()
         self.logbook = self._open_logbook()
         self._event("service.starting", f"edge-runtime starting on {self.cfg.device}", plan=self.plan)
+        self._crash_version = crash_injection()
+        self.models = Models(
+            self.cfg, load=self.load, trusted_keys=self._trusted(), event=self._event, on_swap=self._clear_cache
+        )
         try:
-            self.model = self.load(self.cfg.bundle)
+            self.models.boot()
         except EdgeError as exc:
             self._event("model.refused", f"cannot serve {self.cfg.bundle}: {exc}", level="error")
             raise
-        self._event(
-            "model.activated",
-            f"serving {self.model.name} {self.model.version}",
-            name=self.model.name,
-            version=self.model.version,
-        )
 
     def close(self) -> None:
         """Stop every part and release the model (idempotent)."""
@@ -309,6 +338,7 @@ class Service:
             self._start_extras()
             if self.cfg.mqtt.enabled:
                 self._start_mqtt()
+            threading.Thread(target=self._resume_rollouts, name="edge-rollout-resume", daemon=True).start()
             self._pin_io_threads()
             notifier.ready(self._status_line())
             interval = notifier.watchdog_interval or 1.0
@@ -352,6 +382,13 @@ class Service:
             log.info("local endpoint on http://%s:%d", h.host, self.http.port)
         t = threading.Thread(target=self._health_loop, name="edge-health", daemon=True)
         t.start()
+        threading.Thread(target=self._good_loop, name="edge-good", daemon=True).start()
+
+    def _good_loop(self) -> None:
+        """Mark the active version good once it has served ``models.good_after_s`` without the process dying."""
+        assert self.models is not None
+        while not self.stop_event.wait(min(0.5, max(0.05, self.cfg.models.good_after_s / 4))):
+            self.models.mark_good_if_due()
 
     def _start_mqtt(self) -> None:
         """Store-and-forward sync of the logbook and the signed command channel over one MQTT link."""
@@ -403,6 +440,10 @@ class Service:
             request_restart=self._request_restart,
             apply_config=self._apply_config,
         )
+        assert self.models is not None, "open() first"
+        deployer = self.models.deployer
+        handlers["model.deploy"] = deployer.deploy
+        handlers["model.rollback"] = deployer.rollback
         self.commands = CommandChannel(
             self.link,
             fleet=cfg.fleet,
@@ -412,6 +453,7 @@ class Service:
             state_dir=cfg.state_dir,
             handlers=handlers,
         )
+        deployer.link, deployer.finish = self.link, self._final_ack
         e = cfg.escalation
         if e.enabled:
             from runtime.escalate import CircuitBreaker, Escalator
@@ -431,6 +473,32 @@ class Service:
         self.link.start()
         log.info("MQTT: %s:%d as %s (fleet %s)", m.host, m.port, link_cfg.client_id, cfg.fleet)
 
+    def _final_ack(self, rollout: Any) -> bool:
+        """Send a finished rollout's final ``model.deploy`` ack (once); False when the channel is not up."""
+        if self.commands is None:
+            return False
+        from runtime.deploy import Deployer
+
+        status, result = Deployer.final_ack(rollout)
+        reason = rollout.reason if status != "ok" else None
+        sent = self.commands.complete(
+            rollout.id, "model.deploy", status=status, result=result, reason=reason, wait_s=10
+        )
+        if sent is None:  # stored by an earlier run that died before the ledger knew it went out
+            sent = self.commands.resend(rollout.id, wait_s=10)
+        return bool(sent)
+
+    def _resume_rollouts(self) -> None:
+        """Owed final acks and an unfinished rollout of an earlier run carry on (off the main thread)."""
+        assert self.models is not None
+        if self.commands is not None:
+            for command_id, ctype in self.commands.state.pending().items():
+                if ctype == "model.deploy" and self.models.ledger.find(command_id) is not None:
+                    continue  # the ledger has it: resume() or the rollout thread sends the ack
+                reason = "interrupted: the device restarted before the command ran; send it again with a new id"
+                self.commands.complete(command_id, ctype, status="error", reason=reason, wait_s=10)
+        self.models.deployer.resume()
+
     def _birth(self) -> dict[str, Any]:
         """What the retained status topic says about this device while it is online."""
         m = self.model
@@ -441,7 +509,14 @@ class Service:
             "version": m.version if m else None,
             "temp_c": self.health_snapshot.get("temp_c"),
             "pid": os.getpid(),
+            "rollout": self._rollout_brief(),
         }
+
+    def _rollout_brief(self) -> dict[str, Any] | None:
+        status = self.models.deployer.status() if self.models is not None else None
+        if status is None:
+            return None
+        return {k: status[k] for k in ("id", "state", "name", "version", "reason")}
 
     def _request_restart(self) -> None:
         self._restart_requested = True
@@ -503,18 +578,23 @@ class Service:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
 
     def _do_reload(self) -> None:
-        """SIGHUP: re-read the config and switch to its bundle if it changed (refused bundles keep the old one)."""
+        """SIGHUP: a new config ``bundle`` is stored and activated; else follow the store's active pointer.
+
+        ``edge-runtime models activate|rollback`` move the pointer and send SIGHUP. A bundle or version
+        that fails verification or loading is refused (``model.refused``) and the old model keeps serving.
+        """
         from runtime.config import load_config
 
         self._reload.clear()
-        if self.config_path is None:
-            return
-        try:
-            new = load_config(self.config_path)
-        except EdgeError as exc:
-            self._event("config.refused", f"reload refused: {exc}", level="error")
-            return
-        self.swap(new.bundle)
+        bundle = None
+        if self.config_path is not None:
+            try:
+                bundle = load_config(self.config_path).bundle
+            except EdgeError as exc:
+                self._event("config.refused", f"reload refused: {exc}", level="error")
+                return
+        if self.models is not None:
+            self.models.reload(bundle)
 
     # --- health, status ------------------------------------------------------------------------
 
@@ -573,6 +653,8 @@ class Service:
             }
             if m is not None
             else None,
+            "profile": m.manifest.profile.name if m is not None else None,
+            "rollout": self.models.deployer.status() if self.models is not None else None,
             "thread_plan": self.plan,
             "serve": self.stats.snapshot(),
             "health": self.health_snapshot,
@@ -599,6 +681,8 @@ class Service:
         for part in (self.http, self.source, self.commands):
             if part is not None:
                 part.close()
+        if self.models is not None:
+            self.models.deployer.close()  # an unfinished rollout stays in the ledger and resumes next start
         if self.sync is not None:
             self.sync.close()  # publishes the offline status itself
         if self.link is not None:
@@ -609,9 +693,9 @@ class Service:
             self._event("service.stopped", "edge-runtime stopped")
             self.logbook.close()
             self.logbook = None
-        if self.model is not None:
-            self.model.close()
-            self.model = None
+        if self.models is not None:
+            self.models.close()
+            self.models = None
 
 
 def _test_stall() -> int:

@@ -13,10 +13,12 @@ Every topic starts ``edge/<fleet>/``::
     edge/<fleet>/group/<group>/cmd          commands for a group
     edge/<fleet>/all/cmd                    commands for the whole fleet
     edge/<fleet>/escalate/<model>           escalation requests to the server-side model
+    edge/<fleet>/blobs/<sha256>/meta        a file offered over MQTT (retained; runtime.download)
+    edge/<fleet>/blobs/<sha256>/<index>     its chunks (retained)
 
 A segment (fleet, device, group, model) is 1..64 characters without ``+``, ``#``, ``/``, control
-characters or unpaired surrogates. ``all``, ``group`` and ``escalate`` cannot be device ids: they
-would make a device's topics collide with the fleet-wide ones. Ingest workers share the load with
+characters or unpaired surrogates. ``all``, ``group``, ``escalate`` and ``blobs`` cannot be device
+ids: they would make a device's topics collide with the fleet-wide ones. Ingest workers share the load with
 MQTT 5 shared subscriptions (:func:`shared`): ``$share/<group>/edge/<fleet>/+/inferences``.
 """
 
@@ -37,6 +39,8 @@ __all__ = [
     "TopicKind",
     "ack_topic",
     "all_cmd_topic",
+    "blob_filter",
+    "blob_topic",
     "cmd_topic",
     "cmd_topics",
     "data_topic",
@@ -57,7 +61,7 @@ __all__ = [
 ROOT = "edge"
 MAX_SEGMENT = 64
 DATA_TABLES = ("inferences", "metrics", "events")
-RESERVED_DEVICE_IDS = frozenset({"all", "group", "escalate"})
+RESERVED_DEVICE_IDS = frozenset({"all", "group", "escalate", "blobs"})
 
 TopicKind = Literal[
     "status",
@@ -185,6 +189,25 @@ def escalate_response_topic(fleet: str, device: str) -> str:
     return f"{_device_base(fleet, device)}/escalate/resp"
 
 
+def blob_topic(fleet: str, sha256: str, part: str | int) -> str:
+    """``edge/<fleet>/blobs/<sha256>/<part>``: ``meta`` or a chunk index of a file offered over MQTT."""
+    text = str(part)
+    if text != "meta" and not (text.isascii() and text.isdigit()):
+        raise ConfigError(f'expected "meta" or a chunk index >= 0, got {part!r}', key="part")
+    return f"{_blob_base(fleet, sha256)}/{text}"
+
+
+def blob_filter(fleet: str, sha256: str) -> str:
+    """``edge/<fleet>/blobs/<sha256>/#``: a file's meta and every chunk."""
+    return f"{_blob_base(fleet, sha256)}/#"
+
+
+def _blob_base(fleet: str, sha256: str) -> str:
+    if not isinstance(sha256, str) or len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+        raise ConfigError(f"expected 64 lowercase hex digits, got {sha256!r}", key="sha256")
+    return f"{ROOT}/{validate_segment(fleet, 'fleet')}/blobs/{sha256}"
+
+
 def fleet_filter(fleet: str, leaf: str) -> str:
     """``edge/<fleet>/+/<leaf>``: one kind of topic from every device (``leaf`` may be ``cmd/ack``)."""
     leaves = (*_DEVICE_LEAVES, "cmd/ack", "escalate/resp")
@@ -272,6 +295,8 @@ def _classify(fleet: str, rest: list[str]) -> TopicInfo | None:
         return TopicInfo("group_cmd", fleet, group=rest[1]) if n == 3 and rest[2] == "cmd" else None
     if head == "escalate":
         return TopicInfo("escalate", fleet, model=rest[1]) if n == 2 else None
+    if head == "blobs":  # files offered over MQTT (blob_topic), not a device
+        return None
     if n == 2 and rest[1] in _DEVICE_LEAVES:
         return TopicInfo(_DEVICE_LEAVES[rest[1]], fleet, device=head)
     if rest[1:] == ["cmd", "ack"]:

@@ -1,4 +1,4 @@
-"""The `toolchain` command: profiles, build, inspect, keygen, sign, verify, demo."""
+"""The `toolchain` command: profiles, build, inspect, keygen, sign, verify, bundle diff, demo."""
 
 from __future__ import annotations
 
@@ -174,6 +174,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         bench_iterations=args.bench_iterations,
         enforce_gate=not args.allow_gate_failure,
         keep_work=args.keep_work,
+        backend=args.backend,
         metric=args.metric,
         search=args.search,
         search_budget=args.search_budget,
@@ -246,6 +247,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_diff(args: argparse.Namespace) -> int:
+    from toolchain.delta import diff_bundles
+
+    info = diff_bundles(Path(args.old), Path(args.new), Path(args.output), force=args.force, level=args.level)
+    if args.json:
+        _print_json(info.to_dict())
+    else:
+        print(
+            f"{info.path}: {info.delta_size} bytes = {info.ratio:.1%} of the new bundle ({info.new_size} bytes; "
+            f"old {info.old_size} bytes); applied and checked against {info.new_sha256[:12]}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from toolchain.demo import run_demo
 
@@ -263,7 +278,7 @@ def _build_parser(sub: Any) -> None:
     )
     b.add_argument(
         "model",
-        help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory",
+        help="model.onnx | model.pt2 (torch.export) | TorchScript .pt | package.module:factory | model.tflite",
     )
     b.add_argument(
         "--profile",
@@ -271,6 +286,12 @@ def _build_parser(sub: Any) -> None:
         help="profile name (see `toolchain profiles list`) or path to a .toml",
     )
     b.add_argument("-o", "--output", default="dist", help="output directory (default: dist/)")
+    b.add_argument(
+        "--backend",
+        choices=["onnx", "tflite", "both"],
+        help="engine the bundle targets (default: the profile's backend); both = build, validate and compare "
+        "both candidates and bundle the profile's preferred one if it passes the gate, else the other",
+    )
     b.add_argument("--weights", help="state_dict file for a module:factory model")
     b.add_argument("--input-shape", action="append", metavar="N,C,H,W", help="input shape (repeat per input)")
     b.add_argument("--calibration", metavar="DIR|FILE.npz|module:function", help="calibration samples")
@@ -336,6 +357,28 @@ def _build_parser(sub: Any) -> None:
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_build)
+
+
+def _bundle_parser(sub: Any) -> None:
+    bp = sub.add_parser(
+        "bundle",
+        help="work with built bundles (diff)",
+        description="Work with built bundles: `bundle diff` makes a delta from one version to the next.",
+    )
+    bsub = bp.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    d = bsub.add_parser(
+        "diff",
+        help="make a delta bundle from OLD to NEW (zstd patch-from)",
+        description="Write a delta that turns bundle OLD into bundle NEW on a device holding OLD. "
+        "It is applied and checked before it is written; prints the sizes and the ratio.",
+    )
+    d.add_argument("old", metavar="OLD", help="the bundle the devices hold")
+    d.add_argument("new", metavar="NEW", help="the bundle to deliver")
+    d.add_argument("-o", "--output", required=True, metavar="DELTA", help="where to write the delta")
+    d.add_argument("--force", action="store_true", help="diff even if OLD and NEW differ in name or profile")
+    d.add_argument("--level", type=int, default=19, help="zstd level 1..22 (default 19)")
+    d.add_argument("--json", action="store_true", help="print sizes and hashes as JSON")
+    d.set_defaults(func=cmd_bundle_diff)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -405,6 +448,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+    _bundle_parser(sub)
     add_fleet_parser(sub)
     return ap
 

@@ -1,8 +1,9 @@
-"""The `toolchain fleet` commands: status, ping, config, send (operator side) and ingest (the data worker)."""
+"""The `toolchain fleet` commands: status, ping, config, send, deploy, rollback (operator side) and ingest."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,17 +12,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from toolchain.errors import KeyFileError, UsageError
+from toolchain.errors import KeyFileError, ToolchainError, UsageError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from runtime.link import LinkConfig
     from toolchain.fleet import CommandOutcome, Target
+    from toolchain.fleet_deploy import DeviceResult, RolloutReport
 
 __all__ = ["add_fleet_parser", "link_config", "parse_assignment", "parse_broker"]
 
@@ -289,6 +291,151 @@ def cmd_send(args: argparse.Namespace) -> int:
     return _run_command(args, args.type, cmd_args, rtt=True)
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """`model.rollback` to the previous version (or --version) on the targets."""
+    cmd_args = {k: v for k, v in (("version", args.version), ("name", args.model)) if v}
+    if args.model and not args.version:
+        raise UsageError("--model names the model of --version; give --version too", flag="--model")
+    return _run_command(args, "model.rollback", cmd_args)
+
+
+def _deploy_progress(console: Any) -> tuple[Any, Callable[[str, str, Any], None]]:
+    """A rich progress bar per phase on a terminal; a line per finished phase otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    live = console.is_terminal
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+    tasks: dict[str, Any] = {}
+    totals: dict[str, int] = {}
+    tally: dict[str, dict[str, int]] = {}
+
+    def progress(event: str, phase: str, value: Any) -> None:
+        if event == "phase":
+            totals[phase], tally[phase] = value, {}
+            if live:
+                tasks[phase] = bars.add_task(phase, total=value)
+            return
+        r: DeviceResult = value
+        key = (r.rollback or "?") if phase == "rollback" else r.outcome
+        tally[phase][key] = tally[phase].get(key, 0) + 1
+        text = f"{phase}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally[phase].items()))
+        if live:
+            bars.update(tasks[phase], advance=1, description=text)
+        elif sum(tally[phase].values()) == totals[phase]:
+            console.print(text)
+
+    return (bars if live else contextlib.nullcontext()), progress
+
+
+def _print_rollout(fleet: str, report: RolloutReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fleet {fleet} — model.deploy")
+    for name in ("device", "profile", "phase", "from", "to", "outcome", "agreement", "rollback"):
+        table.add_column(name)
+    for r in sorted(report.results.values(), key=lambda r: r.device):
+        agreement = r.metrics.get("agreement")
+        outcome = r.outcome + (f": {r.reason}" if r.reason else "")
+        rollback = "—" if r.rollback is None else r.rollback + (f": {r.rollback_reason}" if r.rollback_reason else "")
+        table.add_row(
+            r.device,
+            r.profile or "—",
+            r.phase or "—",
+            r.from_version or "—",
+            r.to_version or "—",
+            outcome,
+            f"{agreement:.2f}" if isinstance(agreement, int | float) else "—",
+            rollback,
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=180)
+    console.print(table)
+    counts = ", ".join(f"{n} {k}" for k, n in report.counts().items())
+    print(f"{len(report.results)} device(s) in {report.elapsed_s:.1f} s: {counts}")
+    if report.stopped:
+        rolled = sum(1 for r in report.results.values() if r.rollback == "ok")
+        print(f"rollout STOPPED: {report.stop_reason}; {rolled} activated device(s) rolled back")
+    elif not report.ok:
+        print("rollout FAILED: not every device ended active (see the outcome column)")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Plan and run a rollout: the canary share of every profile, then the rest (see toolchain.fleet_deploy)."""
+    from rich.console import Console
+
+    from toolchain.fleet import Fleet, operator_client_id
+    from toolchain.fleet_deploy import (
+        Rollout,
+        check_gates,
+        load_offers,
+        parse_limit,
+        parse_share,
+        plan_rollout,
+        require_devices,
+    )
+
+    fleet_name = _fleet_name(args)
+    if not (args.device or args.group or args.all):
+        raise UsageError("name the target: --device ID…, --group NAME or --all", flag="--device/--group/--all")
+    canary = parse_share(args.canary, "--canary")
+    gates, shares = check_gates(dict(parse_assignment(g) for g in args.gates))
+    limit = parse_limit(args.max_failures)
+    if args.wave < 0:
+        raise UsageError("expected a number of devices >= 0", flag="--wave")
+    offers = load_offers([Path(b) for b in args.bundle], via=args.via, base_url=args.base_url)
+    key = _signing_key(args.key)
+    cfg = link_config(args, operator_client_id())
+    console = Console(stderr=True)
+    with Fleet(cfg, fleet_name, key=key).connect(timeout=args.connect_timeout) as fleet:
+        plan = plan_rollout(
+            fleet.statuses(), offers, devices=args.device or (), group=args.group, canary=canary, wave=args.wave
+        )
+        require_devices(plan)
+        bars, progress = _deploy_progress(console)
+        rollout = Rollout(
+            fleet, plan, offers, strategy=args.strategy, gates=gates, shares=shares, wait_healthy=args.wait_healthy,
+            timeout_s=args.timeout, ttl_s=args.ttl, max_failures=limit, progress=progress,
+        )  # fmt: skip
+        with _offered(args, fleet_name, offers, keep=not args.wait_healthy), bars:
+            report = rollout.run()
+    if args.json:
+        json.dump({"fleet": fleet_name, **report.to_dict()}, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        _print_rollout(fleet_name, report)
+    return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _offered(args: argparse.Namespace, fleet: str, offers: Mapping[str, Any], *, keep: bool) -> Iterator[None]:
+    """With --via mqtt: the bundles as retained chunks while the rollout runs (cleared after, unless ``keep``)."""
+    if args.via != "mqtt":
+        yield
+        return
+    from runtime.link import Link
+    from toolchain.fleet import operator_client_id
+    from toolchain.transfer import clear_blob, publish_blob
+
+    link = Link(link_config(args, operator_client_id()))
+    link.start()
+    try:
+        if not link.wait_connected(args.connect_timeout):
+            raise ToolchainError(f"cannot connect to the MQTT broker at {args.broker} to publish the bundles")
+        blobs = [publish_blob(link, fleet, o.path) for o in offers.values()]
+        yield
+        if keep:
+            print("the bundles stay on the broker as retained blobs (devices may still be fetching)", file=sys.stderr)
+        else:
+            for blob in blobs:
+                clear_blob(link, blob)
+    finally:
+        link.stop(timeout=2.0)
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Consume batches until SIGTERM/SIGINT; print what was received, stored and dropped as duplicates."""
     from toolchain.ingest import Ingest
@@ -417,6 +564,18 @@ def add_fleet_parser(subparsers: Any) -> None:
     _command_flags(d)
     d.set_defaults(func=cmd_send)
 
+    _add_deploy_parser(sub)
+    r = sub.add_parser(
+        "rollback",
+        help="roll devices back to their previous model version (model.rollback)",
+        description="Send `model.rollback`: each device switches to the version it ran before, or to --version "
+        "if it still holds it, and acks what it serves now. A rollout still running on the device is cancelled.",
+    )
+    r.add_argument("--version", help="the version to return to (default: the previous one)")
+    r.add_argument("--model", metavar="NAME", help="model name of --version (default: the one it serves)")
+    _command_flags(r)
+    r.set_defaults(func=cmd_rollback)
+
     i = sub.add_parser(
         "ingest",
         help="store device inferences, metrics and events in SQLite (runs until SIGTERM)",
@@ -464,3 +623,64 @@ def add_fleet_parser(subparsers: Any) -> None:
     )
     m.add_argument("--queue", type=int, default=64, metavar="N", help="requests waiting beyond N are answered busy")
     m.set_defaults(func=cmd_serve_model)
+
+
+def _add_deploy_parser(sub: Any) -> None:
+    from toolchain.fleet_deploy import STRATEGIES, VIAS
+
+    d = sub.add_parser(
+        "deploy",
+        help="roll bundles out: each device gets its profile's bundle, the canary share first",
+        description="Progressive rollout of `model.deploy`. Each targeted device (its profile read from its retained "
+        "status) gets the --bundle built for its profile; devices without one, offline or already on the version "
+        "are skipped and listed. The canary share of every profile goes first; with --wait-healthy the rollout "
+        "waits for their outcome (active, or rolled_back by a failing gate on the device) and stops after more than "
+        "--max-failures failures, rolling back the devices it activated. Exit 0 when every device sent the command "
+        "ended active, 1 when the rollout stopped or a device failed, 2 for bad usage.",
+    )
+    d.add_argument(
+        "--bundle", action="append", required=True, metavar="FILE", help="a bundle .tar; repeat for other profiles"
+    )
+    t = d.add_mutually_exclusive_group()
+    t.add_argument("--device", action="append", metavar="ID", help="a device (repeatable)")
+    t.add_argument("--group", metavar="G", help="every online device of a group")
+    t.add_argument("--all", action="store_true", help="every online device of the fleet")
+    d.add_argument(
+        "--canary", default="10%", metavar="SHARE", help="share of each profile's devices first (default 10%%)"
+    )
+    d.add_argument(
+        "--wave", type=int, default=0, metavar="N", help="after the canary, N devices at a time (default: all)"
+    )
+    d.add_argument(
+        "--wait-healthy",
+        action="store_true",
+        help="wait for each phase's outcome before the next (without it, only for the devices to accept)",
+    )
+    d.add_argument("--strategy", choices=STRATEGIES, default="shadow", help="on-device rollout (default shadow)")
+    d.add_argument(
+        "--gates",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="device gates: min_samples, max_p95_ratio, min_agreement, max_error_rate, max_duration_s; and the "
+        "traffic shares canary_share, shadow_share (default: the device's [rollout] config)",
+    )
+    d.add_argument(
+        "--max-failures", default="0", metavar="N|P%", help="failed devices tolerated before stopping (default 0)"
+    )
+    d.add_argument("--via", choices=VIAS, default="file", help="how devices fetch the bundle (default file://)")
+    d.add_argument("--base-url", metavar="URL", help="with --via http: where the bundle files are served")
+    d.add_argument(
+        "--key",
+        help="operator's ed25519 private key (default $EDGEFLEET_SIGNING_KEY or ~/.config/edgefleet/keys/fleet.key)",
+    )
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="wait this long for each device's outcome (default 900)",
+    )
+    d.add_argument("--ttl", type=float, default=300.0, metavar="S", help="the command expires after S (default 300)")
+    _connection_flags(d)
+    d.set_defaults(func=cmd_deploy)

@@ -7,10 +7,13 @@ Kinds, detected from the argument:
 - ``package.module:factory`` (a callable returning an ``nn.Module``), optionally with
   ``--weights file.pt`` (a state_dict) → ``torch``;
 - a ``torch.jit.save`` archive (``.pt``/``.pth``/``.torchscript``…) → ``torchscript``;
-- a ``torch.export.save`` archive (``.pt2``) → ``exported-program``.
+- a ``torch.export.save`` archive (``.pt2``) → ``exported-program``;
+- an already-converted LiteRT model (``.tflite``) → ``tflite``: opened in the runtime's LiteRT engine
+  (so a custom op the interpreter lacks is refused here, by name), then validated, benchmarked and
+  bundled as it is.
 
-``.tflite`` is recognised but refused until the LiteRT path lands. Anything else, a missing
-file or a corrupt one is a :class:`~toolchain.errors.ModelLoadError` naming the file.
+Anything else, a missing file or a corrupt one is a :class:`~toolchain.errors.ModelLoadError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from typing import Any, Literal, cast
 
 from toolchain.errors import ModelLoadError, UsageError
 
-__all__ = ["KINDS_HELP", "LoadedModel", "input_names", "load_model", "parse_shape"]
+__all__ = ["KINDS_HELP", "LoadedModel", "input_names", "load_model", "parse_shape", "tflite_specs"]
 
-ModelKind = Literal["onnx", "onnx-ml", "torch", "torchscript", "exported-program"]
+ModelKind = Literal["onnx", "onnx-ml", "torch", "torchscript", "exported-program", "tflite"]
 
 KINDS_HELP = (
     "an ONNX file (.onnx), a PyTorch factory 'package.module:factory' (with --weights FILE.pt), "
     "a TorchScript file (torch.jit.save: .pt/.pth/.torchscript) "
-    "or an ExportedProgram (torch.export.save: .pt2)"
+    "an ExportedProgram (torch.export.save: .pt2) or a LiteRT model (.tflite)"
 )
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 _TORCH_SUFFIXES = (".pt", ".pth", ".torchscript", ".ptl", ".pt2", ".zip")
@@ -51,6 +54,7 @@ class LoadedModel:
     name: str
     module: Any | None = None
     onnx_path: Path | None = None
+    tflite_path: Path | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
@@ -97,16 +101,13 @@ def load_model(
 
 def _load_file(path: Path) -> LoadedModel:
     suffix = path.suffix.lower()
-    if suffix == ".tflite":
-        raise ModelLoadError(
-            f"TFLite input arrives with the LiteRT path; for now give the source model ({KINDS_HELP})",
-            path=path,
-        )
     if not path.is_file():
         what = "no such file" if not path.exists() else "not a file"
         raise ModelLoadError(f"{what}; expected {KINDS_HELP}", path=path)
     if suffix == ".onnx":
         return _load_onnx(path)
+    if suffix == ".tflite":
+        return _load_tflite(path)
     archive = _archive_kind(path) if zipfile.is_zipfile(path) else None
     if archive == "exported-program":
         return _load_exported_program(path)
@@ -157,6 +158,36 @@ def _load_onnx(path: Path) -> LoadedModel:
     domains = {op.domain for op in proto.opset_import} | {n.domain for n in graph.node}
     kind: ModelKind = "onnx-ml" if _ML_DOMAIN in domains else "onnx"
     return LoadedModel(kind=kind, source=str(path), name=_sanitize(path.stem), onnx_path=path)
+
+
+def _load_tflite(path: Path) -> LoadedModel:
+    """Open the file in the runtime's LiteRT engine: unreadable files and missing (custom) ops fail here."""
+    from runtime.backends.litert import LiteEngine
+    from runtime.engine import EngineOptions
+    from runtime.errors import EngineError
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[4:8] != b"TFL3":
+        raise ModelLoadError("not a TFLite flatbuffer (no TFL3 identifier); re-export it", path=path)
+    try:
+        engine = LiteEngine(path, EngineOptions())
+    except EngineError as exc:
+        raise ModelLoadError(str(exc).removeprefix(f"{path}: "), path=path) from exc
+    engine.close()
+    return LoadedModel(kind="tflite", source=str(path), name=_sanitize(path.stem), tflite_path=path)
+
+
+def tflite_specs(path: Path) -> tuple[Any, ...]:
+    """Input and output specs of a .tflite model as the runtime's LiteRT engine reports them."""
+    from runtime.backends.litert import LiteEngine
+    from runtime.engine import EngineOptions
+
+    engine = LiteEngine(path, EngineOptions())
+    try:
+        return engine.inputs, engine.outputs
+    finally:
+        engine.close()
 
 
 def _all_tensors(graph: Any) -> Iterator[Any]:
@@ -296,6 +327,8 @@ def input_names(model: LoadedModel, *, optional: bool = False) -> list[str]:
         return [a.name for a in args if not a.has_default_value()]
     if model.kind == "torch":
         return _torch_params(module, required_only=not optional)
+    if model.kind == "tflite":
+        return [spec.name for spec in tflite_specs(cast(Path, model.tflite_path))[0]]
     return [i.name for i, _ in _onnx_inputs(model)]
 
 
@@ -326,6 +359,8 @@ def _static_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]] | None:
     """Shapes the model itself fixes (ONNX static inputs, ExportedProgram example inputs)."""
     if model.kind in ("onnx", "onnx-ml"):
         shapes = {v.name: dims for v, dims in _onnx_inputs(model)}
+    elif model.kind == "tflite":
+        shapes = {spec.name: spec.shape for spec in tflite_specs(cast(Path, model.tflite_path))[0]}
     elif model.kind == "exported-program":
         nodes = cast(Any, model.module).graph.nodes
         vals = {n.name: n.meta.get("val") for n in nodes if n.op == "placeholder"}

@@ -1,4 +1,11 @@
-"""`toolchain build`: load → prune → export → quantize → validate → benchmark → gate → sign and pack."""
+"""`toolchain build`: load → prune → export → quantize → validate → benchmark → gate → sign and pack.
+
+One build makes a candidate per backend: ONNX (ONNX Runtime on the device) and/or TFLite (LiteRT).
+``--backend`` picks them (default: the profile's ``backend``); with ``both`` each candidate is
+validated, benchmarked and gated on its own, the report compares them under ``candidates``, and
+``choice`` says which one the bundle carries and why (the profile's preferred backend when its
+candidate passes the gate, else the other one when it does).
+"""
 
 from __future__ import annotations
 
@@ -20,15 +27,16 @@ from typing import Any
 import numpy as np
 
 from runtime import __version__
-from runtime.engine import EngineOptions
+from runtime.engine import EngineOptions, backend_for
 from runtime.manifest import Manifest, Postprocess, Preprocess, ProfileRef, TensorSpec
 from runtime.profile import DeviceProfile, QuantizationSpec
+from toolchain.candidates import FLAG, MODEL_FILE, Candidate, backends, choose, export_section, merge
 from toolchain.errors import GateError
 from toolchain.progress import NullProgress, Progress
 
-__all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
-
 _log = logging.getLogger(__name__)
+
+__all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class BuildRequest:
     enforce_gate: bool = True
     keep_work: bool = False
     validation_limit: int = 1000
+    backend: str | None = None  # onnx | tflite | both; None = the profile's backend
     metric: str | None = None  # a toolchain.metrics name or module:function; None = from the output shape
     search: bool | None = None  # None = search when the profile recipe fails the gate
     search_budget: float = 600.0  # seconds
@@ -114,7 +123,7 @@ def _random_samples(inputs: Sequence[TensorSpec], n: int) -> list[dict[str, np.n
 
 
 class _Build:
-    """One build, step by step; state lives on the instance."""
+    """One build, step by step; ``report`` holds what is shared, ``section`` the current candidate's part."""
 
     def __init__(self, req: BuildRequest, progress: Progress, work: Path):
         self.req, self.progress, self.work = req, progress, work
@@ -122,29 +131,47 @@ class _Build:
             "toolchain_version": __version__,
             "profile": req.profile.name,
         }
+        self.section: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.options = EngineOptions.from_profile(req.profile, host_cores=os.cpu_count() or 1)
+        self._datasets: dict[Any, tuple[Any, Any]] = {}
+        self.backends: tuple[str, ...] = ()
 
-    def load_and_export(self) -> tuple[Any, Any, Any]:
-        """Load the model and export the FP32 reference; when pruning, also the pruned FP32 model.
-
-        Returns (model, reference export, export the candidate is made from).
-        """
+    def load(self) -> Any:
         from toolchain import load
 
         req = self.req
         self.progress.step(f"loading {req.model}")
         model = load.load_model(req.model, weights=req.weights, input_shapes=req.input_shapes)
         self.report["model"] = {"source": req.model, "kind": model.kind}
-        reference = self._export(model, self.work / "reference.onnx")
-        self.report["export"] = {
-            "opset": reference.opset,
-            "simplified": reference.simplified,
-            "notes": list(reference.notes),
-        }
+        return model
+
+    def exports(self, model: Any, backends: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+        """Per backend: (FP32 reference export, export the candidate is made from — pruned when pruning)."""
+        refs = {bk: self._export_for(bk, model, "reference") for bk in backends}
         if not self._prune(model):
-            return model, reference, reference
-        return model, reference, self._export(model, self.work / "pruned.onnx")
+            return {bk: (ref, ref) for bk, ref in refs.items()}
+        return {bk: (refs[bk], self._export_for(bk, model, "pruned")) for bk in backends}
+
+    def _export_for(self, backend: str, model: Any, stem: str) -> Any:
+        if backend == "onnxruntime":
+            return self._export(model, self.work / f"{stem}.onnx")
+        if model.kind == "tflite":
+            return self._existing_tflite(model)
+        from toolchain.passes import tflite_export
+
+        self.progress.step(f"exporting {stem} to TFLite (litert-torch)")
+        return tflite_export.run(model, self.work / f"{stem}.tflite")
+
+    def _existing_tflite(self, model: Any) -> Any:
+        from toolchain.load import tflite_specs
+        from toolchain.passes.tflite_export import TfliteExport
+
+        path = self.work / "reference.tflite"
+        shutil.copyfile(model.tflite_path, path)
+        inputs, outputs = tflite_specs(path)
+        note = "an existing .tflite file: validated, benchmarked and bundled as it is"
+        return TfliteExport(path, tuple(inputs), tuple(outputs), "none (existing .tflite)", None, (note,))
 
     def _export(self, model: Any, path: Path) -> Any:
         from toolchain.passes import export
@@ -204,9 +231,18 @@ class _Build:
             labels=[s.label for s in val.samples],
             sources=[s.source for s in val.samples],
         )
-        self.report["prune"]["cost"] = dataclasses.asdict(cmp)
+        self.section["prune_cost"] = dataclasses.asdict(cmp)
 
     def datasets(
+        self, inputs: tuple[TensorSpec, ...], spec: QuantizationSpec, preprocess: Preprocess
+    ) -> tuple[Any, Any]:
+        """Calibration and validation sets for ``inputs`` (loaded once per distinct input list)."""
+        key = (inputs, spec.calibration_samples, preprocess)
+        if key not in self._datasets:
+            self._datasets[key] = self._load_datasets(inputs, spec, preprocess)
+        return self._datasets[key]
+
+    def _load_datasets(
         self, inputs: tuple[TensorSpec, ...], spec: QuantizationSpec, preprocess: Preprocess
     ) -> tuple[Any, Any]:
         from toolchain.calibration import load_dataset
@@ -226,17 +262,22 @@ class _Build:
             val = load_dataset(req.validation, inputs, preprocess, limit=req.validation_limit, role="validation")
         elif calib is not None:
             val = calib
-            self.warnings.append("validated on the calibration set: pass --validation DIR for an honest number")
+            warning = "validated on the calibration set: pass --validation DIR for an honest number"
+            if warning not in self.warnings:
+                self.warnings.append(warning)
         return calib, val
 
-    def quantize(self, model_kind: str, fp32: Path, spec: QuantizationSpec, calib: Any) -> tuple[Path, str]:
-        from toolchain.passes import quantize
-
+    def quantize(
+        self, model_kind: str, backend: str, fp32: Path, spec: QuantizationSpec, calib: Any
+    ) -> tuple[Path, str]:
         if model_kind == "onnx-ml" and spec.mode != "none":
             self.warnings.append("classical ONNX-ML model: bundled without quantization")
             spec = dataclasses.replace(spec, mode="none")
-        out = self.work / "model.onnx"
+        if model_kind == "tflite":
+            return self._as_is(fp32)
+        out = self.work / MODEL_FILE[backend]
         self.cache_dir = self.work / "quantize-cache"
+        extra: dict[str, Any] = {"cache_dir": self.cache_dir} if backend == "onnxruntime" else {}
         total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
         label = {
             "static": "calibrating + quantizing",
@@ -244,18 +285,18 @@ class _Build:
             "fp16": "converting to FP16",
             "none": "keeping FP32",
         }[spec.mode]
-        self.progress.step(label)
+        self.progress.step(f"{label} ({FLAG[backend].upper()})")
         with (
             self.progress.bar("calibration samples", total)
             if spec.mode == "static" and total
             else contextlib.nullcontext(_ignore) as tick
         ):
             started = time.monotonic()
-            res = quantize.run(
-                fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i), cache_dir=self.cache_dir
+            res = _quantize_pass(backend).run(
+                fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i), **extra
             )
             self.quantize_seconds = time.monotonic() - started
-        self.report["quantize"] = {
+        self.section["quantize"] = {
             "precision": res.precision,
             "method": res.method,
             "per_channel": res.per_channel,
@@ -266,6 +307,26 @@ class _Build:
         }
         return out, res.precision
 
+    def _as_is(self, fp32: Path) -> tuple[Path, str]:
+        """An existing .tflite is the candidate itself; its precision is read from its input tensors."""
+        from runtime.backends.litert import LiteEngine
+
+        engine = LiteEngine(fp32, self.options)
+        precision = "int8" if engine.quantized else "fp32"
+        engine.close()
+        out = self.work / "model.tflite"
+        shutil.copyfile(fp32, out)
+        self.section["quantize"] = {
+            "precision": precision,
+            "method": "none",
+            "per_channel": False,
+            "calibration_method": None,
+            "calibration_samples": 0,
+            "excluded_nodes": [],
+            "notes": ["an existing .tflite file is bundled as it is (no conversion, no quantization)"],
+        }
+        return out, precision
+
     def validate(
         self, fp32: Path, cand: Path, val: Any, inputs: tuple[TensorSpec, ...]
     ) -> tuple[Any, list[np.ndarray]]:
@@ -275,7 +336,7 @@ class _Build:
             feeds = [s.feeds for s in val.samples]
             labels = [s.label for s in val.samples]
             sources = [s.source for s in val.samples]
-            self.report["validation_set"] = {
+            self.section["validation_set"] = {
                 "source": val.root,
                 "samples": len(feeds),
                 "labeled": val.labeled,
@@ -283,16 +344,19 @@ class _Build:
         else:
             feeds = _random_samples(inputs, 32)
             labels, sources = [None] * len(feeds), [f"random[{i}]" for i in range(len(feeds))]
-            self.report["validation_set"] = {
+            self.section["validation_set"] = {
                 "source": "random inputs",
                 "samples": len(feeds),
                 "labeled": False,
             }
-            self.warnings.append("no --validation or --calibration set: compared on random inputs (agreement only)")
-        with self.progress.bar("validating reference", len(feeds)) as tick:
+            warning = "no --validation or --calibration set: compared on random inputs (agreement only)"
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        what = FLAG[backend_for(cand)].upper()
+        with self.progress.bar(f"validating {what} reference", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
             ref = validate.run_outputs(fp32, feeds, self.options, progress=lambda: tick(next(count)))
-        with self.progress.bar("validating candidate", len(feeds)) as tick:
+        with self.progress.bar(f"validating {what} candidate", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
             out = validate.run_outputs(cand, feeds, self.options, progress=lambda: tick(next(count)))
         from toolchain.metrics import resolve
@@ -300,7 +364,7 @@ class _Build:
         self.metric = resolve(self.req.metric, ref[0].shape if ref else ())
         self.feeds, self.labels, self.sources = feeds, labels, sources
         cmp = validate.compare(ref, out, task=self.metric.task, labels=labels, sources=sources, metric=self.metric)
-        self.report["validation"] = dataclasses.asdict(cmp)
+        self.section["validation"] = dataclasses.asdict(cmp)
         return cmp, ref
 
     def qat(self, model: Any, cand: Path, spec: QuantizationSpec, calib: Any, cmp: Any, ref: list[np.ndarray]) -> Any:
@@ -312,7 +376,7 @@ class _Build:
             return cmp
         size = cand.stat().st_size
         if validate.judge(req.profile, cmp, size_mb=size / 2**20, latency_p95_ms=None).passed:
-            self.report["qat"] = {"ran": False, "reason": "post-training quantization passes the gate"}
+            self.section["qat"] = {"ran": False, "reason": "post-training quantization passes the gate"}
             return cmp
         loader = qat.load_loader(req.train)  # type: ignore[arg-type]  # _qat_applies checked it
         self.progress.step("quantization-aware fine-tune with the FP32 model as teacher")
@@ -328,7 +392,7 @@ class _Build:
         qcmp = validate.compare(
             ref, out, task=self.metric.task, labels=self.labels, sources=self.sources, metric=self.metric
         )
-        self.report["qat"] = {
+        self.section["qat"] = {
             "ran": True,
             **dataclasses.asdict(res),
             "validation": dataclasses.asdict(qcmp),
@@ -341,9 +405,11 @@ class _Build:
             )
             return cmp
         shutil.copyfile(qat_cand, cand)
-        self.report["qat"]["kept"] = True
-        self.report["validation"] = dataclasses.asdict(qcmp)
-        self.report["quantize"].update(excluded_nodes=[], float_groups=[], chosen_attempt="quantization-aware training")
+        self.section["qat"]["kept"] = True
+        self.section["validation"] = dataclasses.asdict(qcmp)
+        self.section["quantize"].update(
+            excluded_nodes=[], float_groups=[], chosen_attempt="quantization-aware training"
+        )
         return qcmp
 
     def search(
@@ -383,13 +449,13 @@ class _Build:
             self.progress,
             judge,
         )
-        self.report["search"] = outcome.to_dict()
+        self.section["search"] = outcome.to_dict()
         best = outcome.best
         if best is None or best.comparison is None:
             return cmp
         search.keep(best, cand)
-        self.report["validation"] = dataclasses.asdict(best.comparison)
-        self.report["quantize"].update(
+        self.section["validation"] = dataclasses.asdict(best.comparison)
+        self.section["quantize"].update(
             settings=best.settings,
             excluded_nodes=_nodes(outcome, best),
             float_groups=list(best.float_groups),
@@ -411,9 +477,9 @@ class _Build:
         opts = host_options(dataclasses.replace(self.options, deterministic=False))
         results = []
         for label, path in (("reference", fp32), ("candidate", cand)):
-            with self.progress.bar(f"benchmarking {label} (host)", n) as tick:
+            with self.progress.bar(f"benchmarking {label} {path.suffix} (host)", n) as tick:
                 results.append(bench_model(path, opts, iterations=n, progress=lambda i, _n: tick(i)))
-        self.report["benchmark"] = {
+        self.section["benchmark"] = {
             "note": f"host figures ({platform.machine()}, {os.cpu_count()} cores), not device figures",
             "threads": opts.intra_op_threads,
             "reference": dataclasses.asdict(results[0]),
@@ -421,6 +487,50 @@ class _Build:
             "latency_ratio": results[1].p50_ms / results[0].p50_ms if results[0].p50_ms else None,
         }
         return results[0], results[1]
+
+    def candidate(self, model: Any, backend: str, exported: Any, source: Any, spec: QuantizationSpec) -> Candidate:
+        """Quantize, validate, benchmark and gate one backend's candidate."""
+        from toolchain import validate
+
+        self.section = {"export": export_section(exported)}
+        inputs = exported.inputs
+        preprocess = self.req.preprocess or default_preprocess(inputs[0])
+        calib, val = self.datasets(inputs, spec, preprocess)
+        cand, precision = self.quantize(model.kind, backend, source.path, spec, calib)
+        cmp, ref_out = self.validate(exported.path, cand, val, inputs)
+        if backend == "onnxruntime":  # the accuracy search and QAT work on ONNX Runtime's quantizer
+            cmp = self.search(source.path, cand, spec, calib, cmp, ref_out)
+            cmp = self.qat(model, cand, spec, calib, cmp, ref_out)
+        if source is not exported:
+            self.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
+        ref_bench, cand_bench = self.bench(exported.path, cand)
+        ref_size, cand_size = exported.path.stat().st_size, cand.stat().st_size
+        self.section["size"] = {
+            "reference_bytes": ref_size,
+            "candidate_bytes": cand_size,
+            "ratio": cand_size / ref_size,
+        }
+        if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
+            self._int8_speed_warning(backend, ref_bench, cand_bench, ref_size, cand_size)
+        gate = validate.judge(
+            self.req.profile,
+            cmp,
+            size_mb=cand_size / 2**20,
+            latency_p95_ms=cand_bench.p95_ms if cand_bench else None,
+        )
+        self.section["gate"] = gate.to_dict()
+        return Candidate(backend, exported.path, cand, precision, cmp, ref_out, val, gate, self.section)
+
+    def _int8_speed_warning(self, backend: str, ref: Any, cand: Any, ref_size: int, cand_size: int) -> None:
+        what = f"the {FLAG[backend].upper()} INT8 model" if len(self.backends) > 1 else "the INT8 model"
+        if cand.p50_ms > ref.p50_ms and cand_size > 0.9 * ref_size:
+            self.warnings.append(f"{what} is slower than FP32 on this host and no smaller")
+            _log.warning("%s is slower than FP32 on this host and no smaller", what)
+        elif cand.p50_ms > 1.1 * ref.p50_ms:
+            self.warnings.append(
+                f"{what[0].upper()}{what[1:]} runs slower than FP32 on this host "
+                f"({cand.p50_ms:.2f} vs {ref.p50_ms:.2f} ms p50)"
+            )
 
 
 def _qat_applies(req: BuildRequest, model: Any, spec: QuantizationSpec) -> bool:
@@ -445,6 +555,16 @@ def _nodes(outcome: Any, attempt: Any) -> list[str]:
     return [n for s in outcome.sensitivity if s.group.label in wanted for n in s.group.nodes]
 
 
+def _quantize_pass(backend: str) -> Any:
+    if backend == "tflite":
+        from toolchain.passes import tflite_quantize
+
+        return tflite_quantize
+    from toolchain.passes import quantize
+
+    return quantize
+
+
 def _ignore(done: int) -> None:
     """A progress callback that draws nothing."""
 
@@ -461,100 +581,84 @@ def _postprocess(task: str, ref_out: list[np.ndarray], labels: tuple[str, ...]) 
 
 def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
     """Run the whole build; raises :class:`GateError` when the gate fails and is enforced."""
-    from toolchain import bundle as bundle_mod
-    from toolchain import validate
-
     progress = progress or NullProgress()
     req.output_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="edgefleet-build-"))
     try:
         b = _Build(req, progress, work)
-        model, exported, source = b.load_and_export()
-        name = req.name or model.name
-        spec = _quant_spec(req)
-        inputs, outputs = exported.inputs, exported.outputs
-        preprocess = req.preprocess or default_preprocess(inputs[0])
-        calib, val = b.datasets(inputs, spec, preprocess)
-        cand, precision = b.quantize(model.kind, source.path, spec, calib)
-        cmp, ref_out = b.validate(exported.path, cand, val, inputs)
-        cmp = b.search(source.path, cand, spec, calib, cmp, ref_out)
-        cmp = b.qat(model, cand, spec, calib, cmp, ref_out)
-        if source is not exported:
-            b.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
-        ref_bench, cand_bench = b.bench(exported.path, cand)
-        ref_size, cand_size = exported.path.stat().st_size, cand.stat().st_size
-        b.report["size"] = {
-            "reference_bytes": ref_size,
-            "candidate_bytes": cand_size,
-            "ratio": cand_size / ref_size,
-        }
-        if precision.startswith("int8") and cand_bench is not None and ref_bench is not None:
-            if cand_bench.p50_ms > ref_bench.p50_ms and cand_size > 0.9 * ref_size:
-                b.warnings.append("the INT8 model is slower than FP32 on this host and no smaller")
-                _log.warning("%s: the INT8 model is slower than FP32 on this host and no smaller", name)
-            elif cand_bench.p50_ms > 1.1 * ref_bench.p50_ms:
-                b.warnings.append(
-                    f"INT8 runs slower than FP32 on this host "
-                    f"({cand_bench.p50_ms:.2f} vs {ref_bench.p50_ms:.2f} ms p50)"
-                )
-        gate = validate.judge(
-            req.profile,
-            cmp,
-            size_mb=cand_size / 2**20,
-            latency_p95_ms=cand_bench.p95_ms if cand_bench else None,
-        )
-        b.report["gate"] = gate.to_dict()
-        labels = req.labels or (val.label_names if val is not None else ())
-        postprocess = _postprocess(cmp.task, ref_out, tuple(labels))
-        b.report.update(name=name, version=req.version, precision=precision, task=cmp.task, warnings=b.warnings)
-        stem = f"{name}-{req.profile.name}-{req.version}"
-        report_path = req.output_dir / f"{stem}.report.json"
-        if not gate.passed and req.enforce_gate:
-            b.report["bundle"] = None
-            report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
-            failed = ", ".join(f"{c.name} {c.value} (limit {c.limit})" for c in gate.failures())
-            raise GateError(
-                f"validation gate failed for profile {req.profile.name}: {failed}; "
-                f"report: {report_path} (--allow-gate-failure packs it anyway)",
-                report=b.report,
+        model = b.load()
+        b.backends = backends(req.backend, req.profile, model.kind, req.model)
+        if model.kind == "tflite" and req.profile.backend != "tflite":
+            b.warnings.append(
+                f"profile {req.profile.name} prefers {req.profile.backend}; "
+                "an existing .tflite file is bundled for LiteRT (backend tflite)"
             )
-        if not gate.passed:
-            b.warnings.append("GATE FAILED and was overridden with --allow-gate-failure")
-        progress.step("signing and packing the bundle")
-        manifest = Manifest(
-            name=name,
-            version=req.version,
-            parent_version=req.parent_version,
-            created=_created(),
-            profile=ProfileRef(name=req.profile.name, digest=req.profile.digest, arch=req.profile.arch),
-            backend="onnxruntime",
-            model="model.onnx",
-            files=(bundle_mod.file_entry(cand, "model.onnx", role="model"),),
-            inputs=inputs,
-            outputs=outputs,
-            precision=precision,
-            task=_manifest_task(cmp.task),
-            preprocess=preprocess,
-            postprocess=postprocess,
-            validation={
-                "gate": gate.to_dict(),
-                "metrics": b.report["validation"],
-                "size": b.report["size"],
-                "validation_set": b.report["validation_set"],
-            },
-            toolchain_version=__version__,
-        )
-        key = _load_key(req.key)
-        out = bundle_mod.pack({"model.onnx": cand}, manifest, key, req.output_dir / f"{stem}.tar")
-        b.report["bundle"] = str(out)
-        b.report["model_sha256"] = manifest.files[0].sha256
-        report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
-        return BuildResult(b.report, out, report_path, gate.passed, b.warnings)
+        spec = _quant_spec(req)
+        exports = b.exports(model, b.backends)
+        cands = [b.candidate(model, bk, ref, src, spec) for bk, (ref, src) in exports.items()]
+        chosen, reason = choose(cands, req.profile, flag=req.backend, kind=model.kind, enforce_gate=req.enforce_gate)
+        merge(b.report, cands, chosen, reason)
+        return _finish(b, req, model, chosen, exports[chosen.backend][0])
     finally:
         if req.keep_work:
             progress.step(f"work files kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(b: _Build, req: BuildRequest, model: Any, chosen: Candidate, exported: Any) -> BuildResult:
+    """Gate, then sign and pack the chosen candidate."""
+    from toolchain import bundle as bundle_mod
+
+    name = req.name or model.name
+    gate, cmp = chosen.gate, chosen.cmp
+    labels = req.labels or (chosen.val.label_names if chosen.val is not None else ())
+    postprocess = _postprocess(cmp.task, chosen.ref_out, tuple(labels))
+    b.report.update(name=name, version=req.version, precision=chosen.precision, task=cmp.task, warnings=b.warnings)
+    stem = f"{name}-{req.profile.name}-{req.version}"
+    report_path = req.output_dir / f"{stem}.report.json"
+    if not gate.passed and req.enforce_gate:
+        b.report["bundle"] = None
+        report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
+        failed = ", ".join(f"{c.name} {c.value} (limit {c.limit})" for c in gate.failures())
+        raise GateError(
+            f"validation gate failed for profile {req.profile.name}: {failed}; "
+            f"report: {report_path} (--allow-gate-failure packs it anyway)",
+            report=b.report,
+        )
+    if not gate.passed:
+        b.warnings.append("GATE FAILED and was overridden with --allow-gate-failure")
+    b.progress.step("signing and packing the bundle")
+    file_name = MODEL_FILE[chosen.backend]
+    manifest = Manifest(
+        name=name,
+        version=req.version,
+        parent_version=req.parent_version,
+        created=_created(),
+        profile=ProfileRef(name=req.profile.name, digest=req.profile.digest, arch=req.profile.arch),
+        backend=chosen.backend,  # type: ignore[arg-type]
+        model=file_name,
+        files=(bundle_mod.file_entry(chosen.path, file_name, role="model"),),
+        inputs=exported.inputs,
+        outputs=exported.outputs,
+        precision=chosen.precision,
+        task=_manifest_task(cmp.task),
+        preprocess=req.preprocess or default_preprocess(exported.inputs[0]),
+        postprocess=postprocess,
+        validation={
+            "gate": gate.to_dict(),
+            "metrics": b.report["validation"],
+            "size": b.report["size"],
+            "validation_set": b.report["validation_set"],
+            "choice": b.report["choice"],
+        },
+        toolchain_version=__version__,
+    )
+    out = bundle_mod.pack({file_name: chosen.path}, manifest, _load_key(req.key), req.output_dir / f"{stem}.tar")
+    b.report["bundle"] = str(out)
+    b.report["model_sha256"] = manifest.files[0].sha256
+    report_path.write_text(json.dumps(b.report, indent=2, default=str) + "\n")
+    return BuildResult(b.report, out, report_path, gate.passed, b.warnings)
 
 
 def _manifest_task(task: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from runtime.profile import DeviceProfile
@@ -39,9 +40,10 @@ def print_build(report: dict[str, Any]) -> None:
     bench = report.get("benchmark") or {}
     val = report.get("validation", {})
     ref_b, cand_b = bench.get("reference") or {}, bench.get("candidate") or {}
+    engine = {"onnxruntime": "ONNX", "tflite": "TFLite"}.get(str(report.get("backend")), "")
     t = Table(
         title=f"{report.get('name')} {report.get('version')} for {report.get('profile')} — "
-        f"FP32 reference vs {report.get('precision')} candidate"
+        f"FP32 reference vs {report.get('precision')} {engine} candidate".replace("  ", " ")
     )
     t.add_column("")
     t.add_column("reference (FP32)", justify="right")
@@ -107,10 +109,41 @@ def print_build(report: dict[str, Any]) -> None:
         result = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[c["passed"]]
         g.add_row(c["name"], _num(c["value"]), _num(c["limit"]), result, c.get("note", ""))
     con.print(g)
+    if report.get("candidates"):
+        con.print(_candidates_table(report["candidates"]))
+    if report.get("choice"):
+        con.print(f"bundled: [bold]{report['choice']['backend']}[/] — {report['choice']['reason']}")
     for w in report.get("warnings", []):
         con.print(f"[yellow]warning:[/] {w}")
     if report.get("bundle"):
         con.print(f"bundle: [bold]{report['bundle']}[/]")
+
+
+def _candidates_table(candidates: dict[str, Any]) -> Any:
+    """``--backend both``: the two candidates side by side."""
+    from rich.table import Table
+
+    rows = {name: c["summary"] for name, c in candidates.items()}
+    t = Table(title="candidates (each against its own FP32 reference)")
+    t.add_column("")
+    for name in rows:
+        t.add_column(name.upper(), justify="right")
+
+    def size(v: Any) -> str:
+        return _fmt(v / 1024 if v else None, " KiB", 1)
+
+    fields: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+        ("precision", "precision", str),
+        ("model size", "size_bytes", size),
+        ("top-1 accuracy", "candidate_accuracy", lambda v: _fmt(v, " %")),
+        ("agreement", "agreement", lambda v: _fmt(v, digits=4)),
+        ("host latency p50", "p50_ms", lambda v: _fmt(v, " ms", 3)),
+        ("host latency p95", "p95_ms", lambda v: _fmt(v, " ms", 3)),
+        ("gate", "gate_passed", lambda v: "[green]pass[/]" if v else "[red]FAIL[/]"),
+    )
+    for label, key, show in fields:
+        t.add_row(label, *(show(r.get(key)) for r in rows.values()))
+    return t
 
 
 def _print_search(con: Any, search: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine import EngineOptions, open_engine
+from runtime.engine import EngineOptions, backend_for, open_engine
 from runtime.profile import DeviceProfile
 from toolchain.metrics import BUILTIN, DENSE_THRESHOLD, Metric, cosine, infer_task, snr_db
 
@@ -75,8 +75,8 @@ def run_outputs(
     options: EngineOptions,
     progress: Callable[[], None] | None = None,
 ) -> list[np.ndarray]:
-    """First output of ``model`` for every feed, through the runtime's engine."""
-    engine = open_engine(model, options=options)
+    """First output of ``model`` for every feed, through the runtime's engine for its kind (.onnx, .tflite)."""
+    engine = open_engine(model, backend=backend_for(model), options=options)
     try:
         outs = []
         for f in feeds:

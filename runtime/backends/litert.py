@@ -1,5 +1,7 @@
 """LiteRT engine: a .tflite model in ai-edge-litert's (or tflite-runtime's) interpreter with the XNNPACK delegate.
 
+Tensors are named as the model's only signature names them (``input``, ``output_0`` for a model
+converted by litert-torch, the same names its ONNX export has), else by their tensor names.
 Full-integer models take and give the same float tensors as the ONNX path: a quantized (int8,
 uint8, int16) input fed a float array is quantized with that input's scale and zero point, and
 a quantized output is dequantized to float32. ``inputs``/``outputs`` therefore report
@@ -177,7 +179,19 @@ def _missing_op(message: str, model: Path) -> tuple[str, bool] | None:
     return None
 
 
-def _spec_and_quantization(detail: Mapping[str, Any]) -> tuple[TensorSpec, Quantization | None]:
+def _signature_names(loaded: Any) -> dict[int, str]:
+    """Tensor index -> signature name when the model has exactly one signature (else {}: tensor names stand)."""
+    signatures = loaded.get_signature_list()
+    if len(signatures) != 1:
+        return {}
+    runner = loaded.get_signature_runner(next(iter(signatures)))
+    details = {**runner.get_input_details(), **runner.get_output_details()}
+    return {int(d["index"]): str(name) for name, d in details.items()}
+
+
+def _spec_and_quantization(
+    detail: Mapping[str, Any], name_of: Mapping[int, str]
+) -> tuple[TensorSpec, Quantization | None]:
     dtype = np.dtype(detail["dtype"])
     name = "string" if dtype.kind in "SUO" else dtype.name
     signature = detail.get("shape_signature")
@@ -190,7 +204,8 @@ def _spec_and_quantization(detail: Mapping[str, Any]) -> tuple[TensorSpec, Quant
         zero = int(np.asarray(params.get("zero_points", (0,))).reshape(-1)[0])
         quant = Quantization(dtype=name, scale=float(scales[0]), zero_point=zero)
         name = "float32"
-    return TensorSpec(name=str(detail["name"]), dtype=name, shape=shape), quant
+    tensor_name = name_of.get(int(detail["index"]), str(detail["name"]))
+    return TensorSpec(name=tensor_name, dtype=name, shape=shape), quant
 
 
 def _resolver(interpreter: type, deterministic: bool) -> Any:
@@ -218,11 +233,11 @@ class LiteEngine:
         self.op_resolver = _resolver(interpreter, options.deterministic)
         if options.pin_cores:
             log.debug("LiteRT has no thread affinity option; pinning is left to the process (%s)", options.pin_cores)
-        self._interpreter, ins, outs = self._load(interpreter)
+        self._interpreter, ins, outs, names = self._load(interpreter)
         self.provider = f"{self.package} ({'builtin kernels' if options.deterministic else 'XNNPACK'})"
         log.info("%s runs %s with %d threads", self.provider, self.model_path.name, self.num_threads)
-        in_specs = [_spec_and_quantization(d) for d in ins]
-        out_specs = [_spec_and_quantization(d) for d in outs]
+        in_specs = [_spec_and_quantization(d, names) for d in ins]
+        out_specs = [_spec_and_quantization(d, names) for d in outs]
         self.inputs = tuple(spec for spec, _ in in_specs)
         self.outputs = tuple(spec for spec, _ in out_specs)
         self.quantized: dict[str, Quantization] = {s.name: q for s, q in in_specs + out_specs if q is not None}
@@ -232,8 +247,8 @@ class LiteEngine:
         self._out_index = [int(d["index"]) for d in outs]
         self._lock = threading.Lock()
 
-    def _load(self, interpreter: type) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
-        """The interpreter with tensors allocated, and its input and output details."""
+    def _load(self, interpreter: type) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], dict[int, str]]:
+        """The interpreter with tensors allocated, its input and output details and signature names."""
         try:
             loaded = interpreter(
                 model_path=str(self.model_path),
@@ -242,7 +257,7 @@ class LiteEngine:
             )
             loaded.allocate_tensors()
             # Read here too: a corrupt tensor name only fails when decoded (UnicodeDecodeError is a ValueError).
-            return loaded, loaded.get_input_details(), loaded.get_output_details()
+            return loaded, loaded.get_input_details(), loaded.get_output_details(), _signature_names(loaded)
         except (ValueError, RuntimeError, SystemError) as exc:  # the pybind wrapper's only failure types
             raise self._load_error(str(exc)) from exc
 

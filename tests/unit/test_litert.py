@@ -297,6 +297,44 @@ def test_unusable_tflite_runtime_is_refused_with_what_to_install() -> None:
         interpreter_class("tflite-runtime")
 
 
+_TFLITE_RUNTIME_DIRECT = """
+import sys
+import numpy as np
+from tflite_runtime.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1])
+interpreter.allocate_tensors()
+print("ran")
+"""
+
+
+def test_tflite_runtime_where_its_wheel_exists_runs_or_is_refused_for_a_real_reason(fc_model: Path) -> None:
+    """The fallback package, on this Python: its only wheel (2.14, Python <= 3.11) is built for NumPy 1.x.
+
+    Under NumPy 1 it is one of the parametrized packages above. Under NumPy 2 the engine refuses it
+    before importing it, and this shows the refusal hides nothing: loaded directly, it cannot run.
+    """
+    from importlib import metadata
+
+    try:
+        version = metadata.version("tflite-runtime")
+    except metadata.PackageNotFoundError:
+        if sys.version_info < (3, 12) and os.environ.get("CI") == "true":
+            pytest.fail("the dev extra installs tflite-runtime on Python <= 3.11 (its wheels stop there)")
+        pytest.skip("tflite-runtime is not installed (no wheel past Python 3.11; `pip install -e .[dev]` adds it)")
+    if _usable("tflite-runtime"):
+        assert "tflite-runtime" in _package_params()
+        return
+    with pytest.raises(
+        EngineError, match=rf"tflite-runtime {version} is built for NumPy 1\.x and crashes with NumPy 2"
+    ):
+        interpreter_class("tflite-runtime")
+    direct = subprocess.run(
+        [sys.executable, "-c", _TFLITE_RUNTIME_DIRECT, str(fc_model)], capture_output=True, text=True, timeout=120
+    )
+    assert direct.returncode != 0 and "ran" not in direct.stdout
+    assert "NumPy 1.x cannot be run in" in direct.stderr or "_ARRAY_API not found" in direct.stderr
+
+
 def test_no_interpreter_at_all_names_both_packages(monkeypatch: pytest.MonkeyPatch, fc_model: Path) -> None:
     for _, module in PACKAGES:  # a None entry makes ``import`` raise ImportError, as when not installed
         monkeypatch.setitem(sys.modules, module, None)

@@ -353,10 +353,21 @@ def test_unknown_extension(tmp_path: Path) -> None:
         load_model(str(tmp_path / "model.h5"))
 
 
-def test_tflite_is_recognised_and_deferred(tmp_path: Path) -> None:
+def test_tflite_is_loaded_through_the_runtime_engine(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tests.tflite_builder import write_custom_op, write_fully_connected
+
     (tmp_path / "m.tflite").write_bytes(b"TFL3")
-    with pytest.raises(ModelLoadError, match="LiteRT"):
+    with pytest.raises(ModelLoadError, match=r"m\.tflite: not a TFLite flatbuffer"):
         load_model(str(tmp_path / "m.tflite"))
+    write_custom_op(tmp_path / "custom.tflite", "VendorNms")
+    with pytest.raises(ModelLoadError, match=r"custom\.tflite: custom op 'VendorNms' is not available in"):
+        load_model(str(tmp_path / "custom.tflite"))
+    path = write_fully_connected(tmp_path / "fc.tflite", np.ones((3, 6), np.float32), np.zeros(3, np.float32))
+    model = load_model(str(path))
+    assert (model.kind, model.name, model.tflite_path) == ("tflite", "fc", path)
+    assert model.input_shapes == {"x": (1, 6)}
 
 
 def test_checkpoint_given_as_model(tmp_path: Path) -> None:
