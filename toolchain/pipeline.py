@@ -459,6 +459,8 @@ class _Build:
             settings=best.settings,
             excluded_nodes=_nodes(outcome, best),
             float_groups=list(best.float_groups),
+            int16_weight_groups=list(best.int16_weight_groups),
+            activation_bits=best.settings.get("activation_bits", 8),
             chosen_attempt=best.name,
         )
         if outcome.chosen is None:

@@ -159,6 +159,10 @@ def _print_search(con: Any, search: dict[str, Any]) -> None:
             f"{st['calibration_method']}, {'sym' if st['symmetric_activations'] else 'asym'} act, "
             f"{'per-channel' if st['per_channel'] else 'per-tensor'}{', reduce_range' if st['reduce_range'] else ''}"
         )
+        if st.get("activation_bits", 8) != 8:
+            settings += f", {st['activation_bits']}-bit act"
+        if st.get("int16_weight_nodes"):
+            settings += f", int16 weights x{st['int16_weight_nodes']}"
         mark = "[bold]*[/] " if a["name"] == search.get("chosen") else ""
         t.add_row(
             mark + a["name"],
@@ -177,6 +181,11 @@ def _print_search(con: Any, search: dict[str, Any]) -> None:
     chosen = next((a for a in search["attempts"] if a["name"] == search.get("chosen")), None)
     for group in (chosen or {}).get("float_groups", []):
         con.print(f"  kept in float: {group} — error {errors.get(group, 0):.4f} when quantized alone")
+    wide = {s["group"]: s["error"] for s in search.get("weight_sensitivity", [])}
+    for group in (chosen or {}).get("int16_weight_groups", []):
+        con.print(f"  int16 weights: {group} — error {wide.get(group, 0):.4f} when its weights alone are int8")
+    if chosen and chosen["settings"].get("activation_bits", 8) != 8:
+        con.print(f"  all activations {chosen['settings']['activation_bits']}-bit; other weights int8")
     for note in search.get("notes", []):
         con.print(f"[yellow]search:[/] {note}")
 

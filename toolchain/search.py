@@ -6,9 +6,14 @@ Runs when the profile's recipe fails the gate (see :func:`run`), within a time b
    and per-channel toggled (activation ranges are computed once per calibration method and
    reused), then the other calibration methods (MinMax, Entropy, Percentile) when their
    estimated cost fits the remaining budget;
-2. **sensitivity** — on the best recipe, the error each fusion group contributes when it is
+2. **16-bit** — the same recipe with 16-bit activations (int8 weights); if that fails, int16
+   weights everywhere, and when that passes but is over the size limit, int16 weights only
+   for the groups whose int8 weights add the most error per weight byte (their sensitivity
+   measured like step 3's), filled up to the size limit. ONNX Runtime runs 16-bit Q/DQ through
+   float kernels, so these models are smaller, not faster, than FP32;
+3. **sensitivity** — on the best recipe, the error each fusion group contributes when it is
    the only part quantized (:mod:`toolchain.sensitivity`), on the validation set;
-3. **mixed precision** — the most sensitive groups stay in float, fewest first: 1, 2, 4… groups
+4. **mixed precision** — the most sensitive groups stay in float, fewest first: 1, 2, 4… groups
    until the gate passes, then bisection down to the fewest. A candidate larger than
    :data:`MAX_SIZE_RATIO` × FP32 is not an INT8 model worth shipping, so doubling stops there.
 
@@ -33,7 +38,7 @@ from runtime.engine import EngineOptions
 from runtime.profile import DeviceProfile, QuantizationSpec
 from toolchain.metrics import Metric, cosine
 from toolchain.progress import Progress
-from toolchain.sensitivity import NodeGroup, Sensitivity, measure, node_groups
+from toolchain.sensitivity import ANCHOR_OPS, NodeGroup, Sensitivity, measure, node_groups
 
 __all__ = ["MAX_SIZE_RATIO", "Attempt", "SearchInputs", "SearchOutcome", "keep", "latency_proxy", "run"]
 
@@ -41,8 +46,11 @@ MAX_SIZE_RATIO = 0.5  # a mixed-precision candidate must stay at most half the F
 _SENSITIVITY_SAMPLES = 3  # the validation samples the best recipe scored worst
 _SENSITIVITY_SHARE = 0.5  # of the budget left after the recipes; mixed precision gets the rest
 _SENSITIVITY_TOLERANCE = 0.005
+_WEIGHT_SENSITIVITY_SHARE = 0.8  # one fill attempt follows it; float mixed precision only if that fails
+_WIDE_MARGIN = 0.03  # the int16-weight fill stays this far under the limit (scales and zero points)
 _HISTOGRAM_COST = 4.5  # entropy/percentile calibration vs MinMax, measured on PP-OCRv4 det
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
+_WIDE_TYPES = (4, 5)  # onnx.TensorProto.UINT16, INT16: zero points of 16-bit Q/DQ
 
 
 @dataclass
@@ -50,7 +58,7 @@ class Attempt:
     """One candidate the search built and validated."""
 
     name: str
-    phase: str  # recipe | mixed-precision
+    phase: str  # recipe | 16-bit | mixed-precision
     settings: dict[str, Any]
     float_groups: tuple[str, ...]
     float_nodes: int
@@ -64,6 +72,7 @@ class Attempt:
     proxy: dict[str, int]
     seconds: float
     host_p50_ms: float | None = None
+    int16_weight_groups: tuple[str, ...] = ()  # groups whose weights are int16 (the others int8)
     path: Path | None = None
     comparison: Any = None
 
@@ -71,6 +80,7 @@ class Attempt:
         """JSON-ready form (without the model path and the full comparison)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("path", "comparison")}
         out["float_groups"] = list(self.float_groups)
+        out["int16_weight_groups"] = list(self.int16_weight_groups)
         return out
 
 
@@ -100,6 +110,7 @@ class SearchOutcome:
 
     attempts: list[Attempt] = field(default_factory=list)
     sensitivity: list[Sensitivity] = field(default_factory=list)
+    weight_sensitivity: list[Sensitivity] = field(default_factory=list)
     chosen: Attempt | None = None
     best: Attempt | None = None  # the chosen one, or the closest to passing
     seconds: float = 0.0
@@ -123,6 +134,11 @@ class SearchOutcome:
                 for s in sorted(self.sensitivity, key=lambda s: -s.error)
                 if s.error > 0
             ][:40],
+            "weight_sensitivity": [
+                {"group": s.group.label, "error": round(s.error, 5), "measured": s.measured}
+                for s in sorted(self.weight_sensitivity, key=lambda s: -s.error)
+                if s.error > 0
+            ][:200],
             "notes": self.notes,
         }
 
@@ -130,14 +146,16 @@ class SearchOutcome:
 def latency_proxy(model_path: Path) -> dict[str, int]:
     """Static speed proxy for targets this host cannot time: float↔int8 boundaries and float nodes.
 
-    A node runs as an INT8 kernel when every input (weights included) arrives through a
-    DequantizeLinear and every output goes to a QuantizeLinear; any other node computes in
-    float. A boundary is a DequantizeLinear feeding a float node or a QuantizeLinear fed by
+    A node runs as an INT8 kernel when every input (weights included) arrives through an
+    8-bit DequantizeLinear and every output goes to a QuantizeLinear; any other node computes in
+    float (ONNX Runtime has no 16-bit QLinear kernels: 16-bit Q/DQ pairs run as float compute).
+    A boundary is a DequantizeLinear feeding a float node or a QuantizeLinear fed by
     one: a conversion pass over a tensor that no QLinear fusion removes.
     """
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
+    wide = {i.name for i in graph.initializer if i.data_type in _WIDE_TYPES}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -149,10 +167,11 @@ def latency_proxy(model_path: Path) -> dict[str, int]:
             continue
         inputs = [i for i in n.input if i]
         from_dq = [i for i in inputs if i in producer and producer[i].op_type == "DequantizeLinear"]
+        narrow = [i for i in from_dq if not (set(producer[i].input[2:3]) & wide)]
         to_q = [c for o in n.output for c in consumers.get(o, []) if c.op_type == "QuantizeLinear"]
         outputs_used = [c for o in n.output for c in consumers.get(o, [])]
         # an int8 kernel: every input (weights too) arrives dequantized, every output is requantized
-        if inputs and len(from_dq) == len(inputs) and outputs_used and len(to_q) == len(outputs_used):
+        if inputs and len(narrow) == len(inputs) and outputs_used and len(to_q) == len(outputs_used):
             continue
         float_nodes += 1
         boundaries += len(from_dq) + len(to_q)
@@ -185,7 +204,13 @@ class _Search:
         return validate.run_outputs(path, [self.inp.feeds[i] for i in idx], self.inp.options)
 
     def attempt(
-        self, name: str, phase: str, spec: QuantizationSpec, tuning: Any, groups: Sequence[NodeGroup]
+        self,
+        name: str,
+        phase: str,
+        spec: QuantizationSpec,
+        tuning: Any,
+        groups: Sequence[NodeGroup],
+        wide: Sequence[NodeGroup] = (),
     ) -> Attempt:
         from toolchain import validate
 
@@ -217,6 +242,7 @@ class _Search:
             size_ratio=round(size / self.ref_size, 4),
             proxy=latency_proxy(path),
             seconds=round(time.monotonic() - t0, 2),
+            int16_weight_groups=tuple(g.label for g in wide),
             path=path,
             comparison=cmp,
         )
@@ -233,9 +259,11 @@ def _settings(spec: QuantizationSpec, tuning: Any) -> dict[str, Any]:
     return {
         "calibration_method": spec.calibration_method,
         "activation_type": spec.activation_type,
+        "activation_bits": tuning.activation_bits,
         "symmetric_activations": tuning.symmetric_activations,
         "per_channel": spec.per_channel,
         "reduce_range": spec.reduce_range,
+        "int16_weight_nodes": len(tuning.wide_weights),
     }
 
 
@@ -315,21 +343,126 @@ def _sensitivity(s: _Search, spec: QuantizationSpec, tuning: Any, groups: list[N
             np.mean([(1 - s.inp.metric.score(r, c)) + (1 - cosine(r, c)) for r, c in zip(ref, out, strict=True)])
         )
 
-    stop_at = time.monotonic() + max(0.0, s.left()) * _SENSITIVITY_SHARE
+    stop = _Stop(time.monotonic() + max(0.0, s.left()) * _SENSITIVITY_SHARE)
     with s.progress.bar("sensitivity (node groups measured)", len(groups)) as tick:
+        result = measure(groups, error_of, tolerance=_SENSITIVITY_TOLERANCE, should_stop=stop, progress=tick)
+    _coverage_note(s, "sensitivity", result, stop, f"{_SENSITIVITY_SHARE:.0%}")
+    return result
+
+
+class _Stop:
+    """``should_stop`` for :func:`measure` that remembers whether it ever stopped it."""
+
+    def __init__(self, at: float) -> None:
+        self.at, self.hit = at, False
+
+    def __call__(self) -> bool:
+        self.hit = self.hit or time.monotonic() > self.at
+        return self.hit
+
+
+def _coverage_note(s: _Search, what: str, result: list[Sensitivity], stop: _Stop, share: str) -> None:
+    """Say how many groups were not measured alone, and whether the budget or a quiet block was why."""
+    unmeasured = sum(not r.measured for r in result)
+    if not unmeasured:
+        return
+    why = (
+        f"{share} of the budget left was spent; they rank by their block's error"
+        if stop.hit
+        else f"their blocks added at most {_SENSITIVITY_TOLERANCE} error together"
+    )
+    s.out.notes.append(f"{what}: {unmeasured} of {len(result)} groups not measured alone ({why})")
+
+
+def _worst_samples(s: _Search, att: Attempt | None) -> list[int]:
+    """The validation samples ``att`` scored worst (the sensitivity runs on those)."""
+    scores = dict(att.comparison.scores) if att is not None and att.comparison is not None else {}
+    order = sorted(range(len(s.inp.feeds)), key=lambda i: scores.get(s.inp.sources[i], 0.0))
+    return order[:_SENSITIVITY_SAMPLES]
+
+
+def _sixteen_bit(s: _Search, spec: QuantizationSpec, tuning: Any, groups: list[NodeGroup], prepared: Path) -> None:
+    """Phase 2: 16-bit activations; if int8 weights still fail, int16 weights where they matter most per byte.
+
+    When int16 weights everywhere pass but exceed the size limit, each weighted group's
+    sensitivity is the error its weights add when they alone go back to int8 (above the
+    all-int16 model's error); groups are then made int16 by error per weight byte until the
+    estimated size reaches :data:`MAX_SIZE_RATIO` minus :data:`_WIDE_MARGIN`.
+    """
+    a16 = dataclasses.replace(tuning, activation_bits=16)
+    base = s.attempt("16-bit activations", "16-bit", spec, a16, ())
+    s.out.notes.append(
+        "16-bit candidates use com.microsoft Q/DQ ops at opset 21 (devices need onnxruntime >= 1.18) "
+        "and run through float kernels: smaller than FP32, not faster"
+    )
+    weights = _weight_elements(prepared, groups)
+    anchors = [g for g in groups if weights.get(g.index)]
+    if base.passed or not anchors or s.left() <= 0:
+        return
+    every = dataclasses.replace(a16, wide_weights=tuple(g.nodes[0] for g in anchors))
+    full = s.attempt("16-bit activations, int16 weights", "16-bit", spec, every, (), anchors)
+    if not full.passed:
+        s.out.notes.append("16-bit: even int16 weights and activations everywhere fail the gate")
+        return
+    if full.size_ratio <= MAX_SIZE_RATIO or s.left() <= 0:
+        return
+    ranked = _weight_sensitivity(s, spec, a16, anchors, _worst_samples(s, base))
+    s.out.weight_sensitivity = ranked
+    room = (MAX_SIZE_RATIO - _WIDE_MARGIN - base.size_ratio) * s.ref_size
+    chosen: list[NodeGroup] = []
+    for r in sorted(ranked, key=lambda r: -r.error / weights[r.group.index]):
+        if r.error <= 0:
+            break
+        if weights[r.group.index] <= room:  # int16 costs one more byte per weight than int8
+            chosen.append(r.group)
+            room -= weights[r.group.index]
+    if chosen and s.left() > 0:
+        wide = dataclasses.replace(a16, wide_weights=tuple(g.nodes[0] for g in chosen))
+        s.attempt(f"16-bit activations, int16 weights in {len(chosen)} group(s)", "16-bit", spec, wide, (), chosen)
+
+
+def _weight_elements(prepared: Path, groups: Sequence[NodeGroup]) -> dict[int, int]:
+    """Weight elements of each group's compute node (0 for groups without an initializer weight)."""
+    import onnx
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    first = {n.name: n for n in graph.node}
+    out: dict[int, int] = {}
+    for g in groups:
+        node = first.get(g.nodes[0])
+        if node is not None and node.op_type in ANCHOR_OPS and len(node.input) > 1:
+            out[g.index] = sizes.get(node.input[1], 0)
+    return out
+
+
+def _weight_sensitivity(
+    s: _Search, spec: QuantizationSpec, a16: Any, anchors: list[NodeGroup], idx: list[int]
+) -> list[Sensitivity]:
+    """Error each group's weights add when they alone are int8 in an otherwise int16-weight model."""
+    ref = [s.inp.reference[i] for i in idx]
+
+    def raw(chunk: Sequence[NodeGroup]) -> float:
+        s.counter += 1
+        narrow = {g.index for g in chunk}
+        wide = tuple(g.nodes[0] for g in anchors if g.index not in narrow)
+        path = s.quantize(spec, dataclasses.replace(a16, wide_weights=wide), s.inp.work / "sensitivity.onnx")
+        out = s.outputs(path, idx)
+        return float(
+            np.mean([(1 - s.inp.metric.score(r, c)) + (1 - cosine(r, c)) for r, c in zip(ref, out, strict=True)])
+        )
+
+    floor = raw(())
+    stop = _Stop(time.monotonic() + max(0.0, s.left()) * _WEIGHT_SENSITIVITY_SHARE)
+    with s.progress.bar("sensitivity of int8 weights (groups measured)", len(anchors)) as tick:
         result = measure(
-            groups,
-            error_of,
+            anchors,
+            lambda chunk: max(0.0, raw(chunk) - floor),
             tolerance=_SENSITIVITY_TOLERANCE,
-            should_stop=lambda: time.monotonic() > stop_at,
+            should_stop=stop,
             progress=tick,
         )
-    unmeasured = sum(not r.measured for r in result)
-    if unmeasured:
-        s.out.notes.append(
-            f"sensitivity: {unmeasured} of {len(result)} node groups not measured alone (half the budget spent); "
-            "they rank by their block's error"
-        )
+    _coverage_note(s, "weight sensitivity", result, stop, f"{_WEIGHT_SENSITIVITY_SHARE:.0%}")
     return result
 
 
@@ -427,6 +560,10 @@ def run(inp: SearchInputs, progress: Progress, judge: Callable[[Any, int], bool]
     progress.step(f"search: the profile recipe fails the gate; searching for up to {inp.budget_s:.0f} s")
     spec, tuning = _recipes(s)
     if not any(a.passed for a in s.out.attempts) and s.left() > 0:
+        prepared = inp.cache_dir / f"prepared-{'pc' if spec.per_channel else 'pt'}.onnx"
+        groups = node_groups(prepared)
+        _sixteen_bit(s, spec, tuning, groups, prepared)
+    if not any(_acceptable(a) for a in s.out.attempts) and s.left() > 0:
         prepared = inp.cache_dir / f"prepared-{'pc' if spec.per_channel else 'pt'}.onnx"
         groups = node_groups(prepared)
         s.out.sensitivity = _sensitivity(s, spec, tuning, groups)

@@ -203,8 +203,9 @@ PPOCR_SEARCH_BUDGET = 240.0  # seconds; CI runs the whole suite on 2 cores
 def test_ppocr_v4_detector_search_and_mixed_precision(tmp_path, keys):
     """PP-OCRv4 det (opset 12, Constant-node weights, dynamic shapes) for rpi4, IoU@0.3 of the
     probability maps against FP32 on held-out images. Plain INT8 is known to be poor (naive S8S8
-    MinMax: mean IoU 0.64, astronaut 0.0, text 0.46); the bounded search must improve on it with
-    a model still at most half the FP32 size, and the report must say what it tried."""
+    MinMax: mean IoU 0.64, astronaut 0.0, text 0.46). The issue's acceptance: the bounded search
+    keeps a model with IoU >= 0.90 on every held-out image at most half the FP32 size, reports
+    the host latency ratio, and says which groups got which precision."""
     import time
 
     from runtime.manifest import Preprocess
@@ -228,39 +229,53 @@ def test_ppocr_v4_detector_search_and_mixed_precision(tmp_path, keys):
     )
     wall = time.monotonic() - started
     rep = res.report
-    assert rep["model"]["kind"] == "onnx"
-    assert rep["export"]["opset"] == 17 and any("12" in n for n in rep["export"]["notes"])
-    assert rep["task"] == "dense" and rep["precision"] == "int8-s8s8"
-    val = rep["validation"]
-    assert val["samples"] == 5 and [s for s, _ in val["scores"]] == sorted(
-        val["scores"] and [s for s, _ in val["scores"]]
-    )
-    search = rep["search"]
+    val, search = rep["validation"], rep["search"]
     plain = search["attempts"][0]
-    assert plain["name"] == "profile recipe" and not plain["passed"]
-    assert search["seconds"] <= PPOCR_SEARCH_BUDGET + 60
-    # the kept model: better than plain INT8, still at most half the FP32 size, float groups named
-    assert val["agreement"] >= plain["agreement"] + 0.1
-    assert rep["size"]["ratio"] <= 0.5
-    assert rep["quantize"]["float_groups"] and rep["quantize"]["excluded_nodes"]
-    assert {"boundaries", "float_nodes"} <= set(search["attempts"][-1]["proxy"])
-    assert rep["benchmark"]["latency_ratio"] is not None
-    agreement = next(c for c in rep["gate"]["checks"] if c["name"] == "agreement")
-    assert agreement["passed"] == (val["agreement"] >= agreement["limit"])
-    assert res.passed == all(c["passed"] is not False for c in rep["gate"]["checks"])
+    quant = rep["quantize"]
     print(
         f"PP-OCRv4 det rpi4: plain INT8 mean IoU {plain['agreement']} -> kept {val['agreement']:.4f};",
         "per image:",
-        dict(val["scores"]),
+        {Path(source).stem: iou for source, iou in val["scores"]},
         f"size {rep['size']['ratio']:.3f}x, host latency {rep['benchmark']['latency_ratio']:.2f}x FP32,",
-        f"{len(search['attempts'])} attempts, {len(rep['quantize']['float_groups'])} groups float,",
+        f"{len(search['attempts'])} attempts, kept '{quant.get('chosen_attempt')}',",
+        f"{len(quant['float_groups'])} groups float, {len(quant.get('int16_weight_groups', []))} int16-weight,",
         f"search {search['seconds']:.0f} s, build {wall:.0f} s, gate {'passed' if res.passed else 'FAILED'}",
     )
     for a in search["attempts"]:
         print(
-            f"  {a['name']}: IoU {a['agreement']} (worst {a['agreement_min']}), size {a['size_ratio']}x, {a['proxy']}"
+            f"  {a['name']}: IoU {a['agreement']} (worst {a['agreement_min']}), size {a['size_ratio']}x, "
+            f"{a['proxy']}, {a['seconds']} s"
         )
     print("  notes:", search["notes"])
+    assert rep["model"]["kind"] == "onnx"
+    assert rep["export"]["opset"] == 17 and any("12" in n for n in rep["export"]["notes"])
+    assert rep["task"] == "dense" and rep["precision"] == "int8-s8s8"
+    assert val["samples"] == 5 and [s for s, _ in val["scores"]] == sorted(
+        val["scores"] and [s for s, _ in val["scores"]]
+    )
+    assert plain["name"] == "profile recipe" and not plain["passed"]
+    assert search["seconds"] <= PPOCR_SEARCH_BUDGET + 60
+    # the issue's acceptance: IoU >= 0.90 against FP32 on every held-out image, size <= 0.5x FP32
+    scores = {Path(source).stem: iou for source, iou in val["scores"]}
+    assert set(scores) == set(HELD_OUT_IMAGES)
+    assert min(scores.values()) >= 0.90, scores
+    assert rep["size"]["ratio"] <= 0.5
+    assert search["chosen"] == quant["chosen_attempt"]
+    # the report says which groups got which precision
+    kept = next(a for a in search["attempts"] if a["name"] == search["chosen"])
+    assert kept["int16_weight_groups"] == quant["int16_weight_groups"]
+    assert kept["float_groups"] == quant["float_groups"]
+    if quant["int16_weight_groups"]:
+        measured = {w["group"] for w in search["weight_sensitivity"]}
+        assert set(quant["int16_weight_groups"]) <= measured
+    assert {"boundaries", "float_nodes"} <= set(kept["proxy"])
+    # the host latency ratio is reported, and a model slower than FP32 says so loudly
+    ratio = rep["benchmark"]["latency_ratio"]
+    assert ratio is not None
+    assert (ratio > 1.1) == any("slower than FP32" in w for w in res.warnings)
+    agreement = next(c for c in rep["gate"]["checks"] if c["name"] == "agreement")
+    assert agreement["passed"] == (val["agreement"] >= agreement["limit"])
+    assert res.passed == all(c["passed"] is not False for c in rep["gate"]["checks"])
     with tarfile.open(res.bundle) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert manifest["inputs"][0]["shape"] == [1, 3, 640, 640]

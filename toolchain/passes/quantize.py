@@ -47,11 +47,16 @@ class Tuning:
 
     ``nodes_to_quantize`` (when not empty) quantizes only those nodes — used to measure one
     node group's sensitivity alone; ``nodes_to_exclude`` keeps nodes in float.
+    ``activation_bits`` 16 quantizes every activation to 16 bits (int16/uint16 as the profile's
+    activation type), ``wide_weights`` names nodes whose weight input is quantized to int16;
+    both use ORT's ``com.microsoft`` Q/DQ ops and make the model opset 21.
     """
 
     symmetric_activations: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_quantize: tuple[str, ...] = ()
+    activation_bits: int = 8
+    wide_weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,12 @@ def _integer(
     if ranges is not None and ranges.is_file():
         notes.append(f"{spec.calibration_method} activation ranges reused from the search cache")
     extra: dict[str, Any] = {"ActivationSymmetric": True} if tuning.symmetric_activations else {}
+    activation = qtype[spec.activation_type]
+    if tuning.activation_bits == 16 or tuning.wide_weights:
+        extra["UseQDQContribOps"] = True
+        extra["TensorQuantOverrides"] = _wide_weight_overrides(model_in, tuning.wide_weights, spec.per_channel)
+        if tuning.activation_bits == 16:
+            activation = {"int8": QuantType.QInt16, "uint8": QuantType.QUInt16}[spec.activation_type]
     quantize_static(
         model_in,
         out,
@@ -268,7 +279,7 @@ def _integer(
         quant_format=QuantFormat.QDQ if spec.format == "qdq" else QuantFormat.QOperator,
         per_channel=spec.per_channel,
         reduce_range=spec.reduce_range,
-        activation_type=qtype[spec.activation_type],
+        activation_type=activation,
         weight_type=qtype[spec.weight_type],
         nodes_to_exclude=list(excluded),
         nodes_to_quantize=list(tuning.nodes_to_quantize),
@@ -278,6 +289,27 @@ def _integer(
         calibration_cache_path=ranges,
     )
     return excluded
+
+
+def _wide_weight_overrides(model_path: Path, nodes: Sequence[str], per_channel: bool) -> dict[str, list[Any]]:
+    """``TensorQuantOverrides`` making the weight input of ``nodes`` int16 (same channel axis as ORT uses)."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    if not nodes:
+        return {}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    wanted = set(nodes)
+    out: dict[str, list[Any]] = {}
+    for node in graph.node:
+        if node.name not in wanted or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        override: dict[str, Any] = {"quant_type": QuantType.QInt16}
+        if per_channel and node.op_type in ("Conv", "ConvTranspose"):
+            override["axis"] = 0 if node.op_type == "Conv" else 1
+        out[node.input[1]] = [override]
+    return out
 
 
 def _upgrade_opset(src: Path, work: Path, spec: QuantizationSpec, notes: list[str]) -> Path:
