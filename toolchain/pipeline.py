@@ -503,6 +503,7 @@ class _Build:
         if backend == "onnxruntime":  # the accuracy search and QAT work on ONNX Runtime's quantizer
             cmp = self.search(source.path, cand, spec, calib, cmp, ref_out)
             cmp = self.qat(model, cand, spec, calib, cmp, ref_out)
+            precision = _searched_precision(precision, self.section["quantize"])
         if source is not exported:
             self.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
         ref_bench, cand_bench = self.bench(exported.path, cand)
@@ -555,6 +556,15 @@ def _nodes(outcome: Any, attempt: Any) -> list[str]:
     """Node names an attempt kept in float (from the sensitivity groups it lists)."""
     wanted = set(attempt.float_groups)
     return [n for s in outcome.sensitivity if s.group.label in wanted for n in s.group.nodes]
+
+
+def _searched_precision(precision: str, quantize: dict[str, Any]) -> str:
+    """The label of what the search kept: 16-bit activations are not "int8" (e.g. ``int8-s8s8`` → ``int8w-a16``)."""
+    bits = quantize.get("activation_bits", 8)
+    if bits == 8 or not precision.startswith("int8"):
+        return precision
+    wide = "+int16" if quantize.get("int16_weight_groups") else ""
+    return f"int8{wide}w-a{bits}"
 
 
 def _quantize_pass(backend: str) -> Any:
