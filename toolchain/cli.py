@@ -139,6 +139,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from toolchain.pipeline import BuildRequest, build
     from toolchain.progress import NullProgress, RichProgress
 
+    if args.search_budget <= 0:
+        raise UsageError("expected a positive number of seconds", flag="--search-budget")
     if args.prune_amount is not None and not 0 <= args.prune_amount < 1:
         raise UsageError("expected a fraction in [0, 1)", flag="--prune-amount")
     if args.version:
@@ -173,6 +175,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         enforce_gate=not args.allow_gate_failure,
         keep_work=args.keep_work,
         backend=args.backend,
+        metric=args.metric,
+        search=args.search,
+        search_budget=args.search_budget,
+        train=args.train,
     )
     progress = NullProgress() if args.quiet else RichProgress()
     try:
@@ -325,6 +331,27 @@ def _build_parser(sub: Any) -> None:
         "--allow-gate-failure",
         action="store_true",
         help="pack the bundle even if the gate fails (marked in the manifest)",
+    )
+    b.add_argument(
+        "--metric",
+        metavar="NAME|module:function",
+        help="gate metric: classification, dense, embedding, detection, generic, or your "
+        "module:function(reference, candidate) -> float (default: from the output shape)",
+    )
+    b.add_argument(
+        "--search",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search calibration/recipe variants and mixed precision when the recipe fails the gate (default: on)",
+    )
+    b.add_argument(
+        "--search-budget", type=float, default=600.0, metavar="SECONDS", help="time budget of the search (default 600)"
+    )
+    b.add_argument(
+        "--train",
+        metavar="module:function",
+        help="PyTorch inputs: a function returning a DataLoader of (inputs, labels) for "
+        "quantization-aware training when post-training quantization fails the gate",
     )
     b.add_argument("--keep-work", action="store_true", help="keep intermediate files")
     b.add_argument("--json", action="store_true", help="print the report as JSON")

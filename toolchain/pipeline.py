@@ -13,10 +13,12 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,8 @@ from runtime.profile import DeviceProfile, QuantizationSpec
 from toolchain.candidates import FLAG, MODEL_FILE, Candidate, backends, choose, export_section, merge
 from toolchain.errors import GateError
 from toolchain.progress import NullProgress, Progress
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["BuildRequest", "BuildResult", "build", "default_preprocess"]
 
@@ -64,6 +68,10 @@ class BuildRequest:
     keep_work: bool = False
     validation_limit: int = 1000
     backend: str | None = None  # onnx | tflite | both; None = the profile's backend
+    metric: str | None = None  # a toolchain.metrics name or module:function; None = from the output shape
+    search: bool | None = None  # None = search when the profile recipe fails the gate
+    search_budget: float = 600.0  # seconds
+    train: str | None = None  # module:function returning a DataLoader (QAT for PyTorch inputs)
 
 
 @dataclass
@@ -268,6 +276,8 @@ class _Build:
         if model_kind == "tflite":
             return self._as_is(fp32)
         out = self.work / MODEL_FILE[backend]
+        self.cache_dir = self.work / "quantize-cache"
+        extra: dict[str, Any] = {"cache_dir": self.cache_dir} if backend == "onnxruntime" else {}
         total = min(len(calib.samples), spec.calibration_samples) if calib is not None else 0
         label = {
             "static": "calibrating + quantizing",
@@ -281,7 +291,11 @@ class _Build:
             if spec.mode == "static" and total
             else contextlib.nullcontext(_ignore) as tick
         ):
-            res = _quantize_pass(backend).run(fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i))
+            started = time.monotonic()
+            res = _quantize_pass(backend).run(
+                fp32, out, spec, calibration=calib, progress=lambda i, n: tick(i), **extra
+            )
+            self.quantize_seconds = time.monotonic() - started
         self.section["quantize"] = {
             "precision": res.precision,
             "method": res.method,
@@ -345,10 +359,116 @@ class _Build:
         with self.progress.bar(f"validating {what} candidate", len(feeds)) as tick:
             count = iter(range(1, len(feeds) + 1))
             out = validate.run_outputs(cand, feeds, self.options, progress=lambda: tick(next(count)))
-        task = validate.infer_task(ref[0].shape) if ref else "generic"
-        cmp = validate.compare(ref, out, task=task, labels=labels, sources=sources)
+        from toolchain.metrics import resolve
+
+        self.metric = resolve(self.req.metric, ref[0].shape if ref else ())
+        self.feeds, self.labels, self.sources = feeds, labels, sources
+        cmp = validate.compare(ref, out, task=self.metric.task, labels=labels, sources=sources, metric=self.metric)
         self.section["validation"] = dataclasses.asdict(cmp)
         return cmp, ref
+
+    def qat(self, model: Any, cand: Path, spec: QuantizationSpec, calib: Any, cmp: Any, ref: list[np.ndarray]) -> Any:
+        """Fine-tune with fake INT8 and distillation (``--train``) when PTQ still fails; re-export, quantize, gate."""
+        from toolchain import qat, validate
+
+        req = self.req
+        if not _qat_applies(req, model, spec):
+            return cmp
+        size = cand.stat().st_size
+        if validate.judge(req.profile, cmp, size_mb=size / 2**20, latency_p95_ms=None).passed:
+            self.section["qat"] = {"ran": False, "reason": "post-training quantization passes the gate"}
+            return cmp
+        loader = qat.load_loader(req.train)  # type: ignore[arg-type]  # _qat_applies checked it
+        self.progress.step("quantization-aware fine-tune with the FP32 model as teacher")
+        with self.progress.bar("fine-tune steps", qat.STEPS) as tick:
+            student, res = qat.run(model.module, loader, progress=tick)
+        tuned = dataclasses.replace(model, module=student)
+        exported = self._export(tuned, self.work / "qat.onnx")
+        qat_cand = self.work / "qat-model.onnx"
+        from toolchain.passes import quantize
+
+        quantize.run(exported.path, qat_cand, spec, calibration=calib)
+        out = validate.run_outputs(qat_cand, self.feeds, self.options)
+        qcmp = validate.compare(
+            ref, out, task=self.metric.task, labels=self.labels, sources=self.sources, metric=self.metric
+        )
+        self.section["qat"] = {
+            "ran": True,
+            **dataclasses.asdict(res),
+            "validation": dataclasses.asdict(qcmp),
+            "ptq_validation": dataclasses.asdict(cmp),
+        }
+        better = (qcmp.agreement, -(qcmp.accuracy_drop or 0.0)) > (cmp.agreement, -(cmp.accuracy_drop or 0.0))
+        if not better:
+            self.warnings.append(
+                "quantization-aware training did not beat post-training quantization; kept the PTQ model"
+            )
+            return cmp
+        shutil.copyfile(qat_cand, cand)
+        self.section["qat"]["kept"] = True
+        self.section["validation"] = dataclasses.asdict(qcmp)
+        self.section["quantize"].update(
+            excluded_nodes=[], float_groups=[], chosen_attempt="quantization-aware training"
+        )
+        return qcmp
+
+    def search(
+        self, fp32: Path, cand: Path, spec: QuantizationSpec, calib: Any, cmp: Any, ref: list[np.ndarray]
+    ) -> Any:
+        """Run the accuracy search when the recipe failed the gate; returns the comparison of the model kept."""
+        from toolchain import search, validate
+
+        req = self.req
+        size = cand.stat().st_size
+
+        def judge(c: Any, size_bytes: int) -> bool:
+            return validate.judge(req.profile, c, size_mb=size_bytes / 2**20, latency_p95_ms=None).passed
+
+        enabled = req.search if req.search is not None else True
+        if spec.mode != "static" or judge(cmp, size) or not enabled or calib is None:
+            if not enabled and not judge(cmp, size):
+                self.warnings.append("the recipe fails the gate and the search is off (--no-search)")
+            return cmp
+        outcome = search.run(
+            search.SearchInputs(
+                fp32=fp32,
+                spec=spec,
+                calibration=calib,
+                feeds=self.feeds,
+                labels=self.labels,
+                sources=self.sources,
+                reference=ref,
+                metric=self.metric,
+                profile=req.profile,
+                options=self.options,
+                work=self.work / "search",
+                cache_dir=self.cache_dir,
+                budget_s=req.search_budget,
+                calibration_seconds=getattr(self, "quantize_seconds", None),
+            ),
+            self.progress,
+            judge,
+        )
+        self.section["search"] = outcome.to_dict()
+        best = outcome.best
+        if best is None or best.comparison is None:
+            return cmp
+        search.keep(best, cand)
+        self.section["validation"] = dataclasses.asdict(best.comparison)
+        self.section["quantize"].update(
+            settings=best.settings,
+            excluded_nodes=_nodes(outcome, best),
+            float_groups=list(best.float_groups),
+            int16_weight_groups=list(best.int16_weight_groups),
+            activation_bits=best.settings.get("activation_bits", 8),
+            chosen_attempt=best.name,
+        )
+        if outcome.chosen is None:
+            self.warnings.append(
+                f"the search found no candidate that passes the gate in {outcome.seconds:.0f} s; "
+                f"kept the closest ({best.name})"
+            )
+        return best.comparison
 
     def bench(self, fp32: Path, cand: Path) -> tuple[Any, Any]:
         from toolchain.bench import bench_model, host_options
@@ -380,6 +500,10 @@ class _Build:
         calib, val = self.datasets(inputs, spec, preprocess)
         cand, precision = self.quantize(model.kind, backend, source.path, spec, calib)
         cmp, ref_out = self.validate(exported.path, cand, val, inputs)
+        if backend == "onnxruntime":  # the accuracy search and QAT work on ONNX Runtime's quantizer
+            cmp = self.search(source.path, cand, spec, calib, cmp, ref_out)
+            cmp = self.qat(model, cand, spec, calib, cmp, ref_out)
+            precision = _searched_precision(precision, self.section["quantize"])
         if source is not exported:
             self.prune_cost(exported.path, source.path, val, ref_out, cmp.task)
         ref_bench, cand_bench = self.bench(exported.path, cand)
@@ -404,11 +528,43 @@ class _Build:
         what = f"the {FLAG[backend].upper()} INT8 model" if len(self.backends) > 1 else "the INT8 model"
         if cand.p50_ms > ref.p50_ms and cand_size > 0.9 * ref_size:
             self.warnings.append(f"{what} is slower than FP32 on this host and no smaller")
+            _log.warning("%s is slower than FP32 on this host and no smaller", what)
         elif cand.p50_ms > 1.1 * ref.p50_ms:
             self.warnings.append(
                 f"{what[0].upper()}{what[1:]} runs slower than FP32 on this host "
                 f"({cand.p50_ms:.2f} vs {ref.p50_ms:.2f} ms p50)"
             )
+
+
+def _qat_applies(req: BuildRequest, model: Any, spec: QuantizationSpec) -> bool:
+    """True when --train was given; refuses inputs QAT cannot handle."""
+    from toolchain.errors import UsageError
+
+    if req.train is None:
+        return False
+    if model.kind != "torch" or model.module is None:
+        raise UsageError(
+            f"quantization-aware training needs a PyTorch module:factory input, got a {model.kind} model",
+            flag="--train",
+        )
+    if spec.mode != "static":
+        raise UsageError(f"quantization-aware training targets static INT8, the recipe is {spec.mode}", flag="--train")
+    return True
+
+
+def _nodes(outcome: Any, attempt: Any) -> list[str]:
+    """Node names an attempt kept in float (from the sensitivity groups it lists)."""
+    wanted = set(attempt.float_groups)
+    return [n for s in outcome.sensitivity if s.group.label in wanted for n in s.group.nodes]
+
+
+def _searched_precision(precision: str, quantize: dict[str, Any]) -> str:
+    """The label of what the search kept: 16-bit activations are not "int8" (e.g. ``int8-s8s8`` → ``int8w-a16``)."""
+    bits = quantize.get("activation_bits", 8)
+    if bits == 8 or not precision.startswith("int8"):
+        return precision
+    wide = "+int16" if quantize.get("int16_weight_groups") else ""
+    return f"int8{wide}w-a{bits}"
 
 
 def _quantize_pass(backend: str) -> Any:

@@ -99,6 +99,8 @@ def print_build(report: dict[str, Any]) -> None:
     con.print(t)
     if bench:
         con.print(f"[dim]{bench.get('note')}; {bench.get('threads')} thread(s)[/]")
+    if report.get("search"):
+        _print_search(con, report["search"])
     gate = report.get("gate", {})
     g = Table(title="gate: " + ("[green]PASSED[/]" if gate.get("passed") else "[red]FAILED[/]"))
     for col in ("check", "value", "limit", "result", "note"):
@@ -142,6 +144,50 @@ def _candidates_table(candidates: dict[str, Any]) -> Any:
     for label, key, show in fields:
         t.add_row(label, *(show(r.get(key)) for r in rows.values()))
     return t
+
+
+def _print_search(con: Any, search: dict[str, Any]) -> None:
+    """Every search attempt, then the node groups kept in float and why."""
+    from rich.table import Table
+
+    t = Table(title=f"search: {len(search['attempts'])} attempts in {search['seconds']:.0f} s")
+    for col in ("attempt", "settings", "metric (mean / worst)", "drop", "size", "boundaries", "host p50", "gate"):
+        t.add_column(col)
+    for a in search["attempts"]:
+        st = a["settings"]
+        settings = (
+            f"{st['calibration_method']}, {'sym' if st['symmetric_activations'] else 'asym'} act, "
+            f"{'per-channel' if st['per_channel'] else 'per-tensor'}{', reduce_range' if st['reduce_range'] else ''}"
+        )
+        if st.get("activation_bits", 8) != 8:
+            settings += f", {st['activation_bits']}-bit act"
+        if st.get("int16_weight_nodes"):
+            settings += f", int16 weights x{st['int16_weight_nodes']}"
+        mark = "[bold]*[/] " if a["name"] == search.get("chosen") else ""
+        t.add_row(
+            mark + a["name"],
+            settings,
+            f"{a['agreement']:.4f} / {a['agreement_min']:.4f}",
+            _fmt(a["accuracy_drop"], " pts"),
+            f"{a['size_ratio']:.2f}×",
+            str(a["proxy"]["boundaries"]),
+            _fmt(a.get("host_p50_ms"), " ms", 1),
+            "[green]pass[/]" if a["passed"] else "[red]fail[/]",
+        )
+    con.print(t)
+    if search.get("speed_basis"):
+        con.print(f"[dim]fastest passing candidate chosen by {search['speed_basis']}[/]")
+    errors = {s["group"]: s["error"] for s in search.get("sensitivity", [])}
+    chosen = next((a for a in search["attempts"] if a["name"] == search.get("chosen")), None)
+    for group in (chosen or {}).get("float_groups", []):
+        con.print(f"  kept in float: {group} — error {errors.get(group, 0):.4f} when quantized alone")
+    wide = {s["group"]: s["error"] for s in search.get("weight_sensitivity", [])}
+    for group in (chosen or {}).get("int16_weight_groups", []):
+        con.print(f"  int16 weights: {group} — error {wide.get(group, 0):.4f} when its weights alone are int8")
+    if chosen and chosen["settings"].get("activation_bits", 8) != 8:
+        con.print(f"  all activations {chosen['settings']['activation_bits']}-bit; other weights int8")
+    for note in search.get("notes", []):
+        con.print(f"[yellow]search:[/] {note}")
 
 
 def print_profiles(profiles: list[DeviceProfile]) -> None:

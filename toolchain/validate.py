@@ -12,10 +12,9 @@ import numpy as np
 
 from runtime.engine import EngineOptions, backend_for, open_engine
 from runtime.profile import DeviceProfile
+from toolchain.metrics import BUILTIN, DENSE_THRESHOLD, Metric, cosine, infer_task, snr_db
 
-__all__ = ["Comparison", "GateCheck", "GateResult", "compare", "infer_task", "judge"]
-
-DENSE_THRESHOLD = 0.3  # probability-map threshold for dense (segmentation/detection-map) agreement
+__all__ = ["DENSE_THRESHOLD", "Comparison", "GateCheck", "GateResult", "compare", "infer_task", "judge"]
 
 
 @dataclass(frozen=True)
@@ -28,14 +27,15 @@ class Comparison:
     reference_accuracy: float | None  # top-1 %, when labels are known
     candidate_accuracy: float | None
     accuracy_drop: float | None  # percentage points
-    agreement: (
-        float  # top-1 agreement (classification), mean IoU of thresholded maps (dense), else share with cosine >= 0.99
-    )
-    agreement_min: float  # worst single sample (IoU for dense; 0/1 for classification)
+    agreement: float  # mean of the metric's per-sample scores (see toolchain.metrics)
+    agreement_min: float  # worst single sample
     cosine_mean: float
     cosine_min: float
     max_abs_diff: float
     worst_samples: tuple[tuple[str, float], ...] = ()  # (source, score) of the lowest-agreeing samples
+    metric: str = ""  # the metric's name: a task, or the user's module:function
+    snr_db_mean: float = 0.0
+    scores: tuple[tuple[str, float], ...] = ()  # (source, score) of every sample, in order
 
 
 @dataclass(frozen=True)
@@ -69,33 +69,6 @@ class GateResult:
         return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
 
 
-def infer_task(output_shape: Sequence[int | str]) -> str:
-    """Guess the task from the first output's shape: (N, C) classification, (N, C, H, W) dense map."""
-    rank = len(output_shape)
-    last = output_shape[-1] if output_shape else 1
-    if rank == 2 and (not isinstance(last, int) or last > 1):
-        return "classification"
-    if rank == 4:
-        return "dense"
-    return "generic"
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.dot(a64, b64) / (na * nb))
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ma, mb = a > DENSE_THRESHOLD, b > DENSE_THRESHOLD
-    union = np.logical_or(ma, mb).sum()
-    return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
-
-
 def run_outputs(
     model: Path,
     feeds: Sequence[dict[str, np.ndarray]],
@@ -122,29 +95,30 @@ def compare(
     task: str,
     labels: Sequence[int | None],
     sources: Sequence[str],
+    metric: Metric | None = None,
 ) -> Comparison:
-    """Metrics of ``candidate`` against ``reference`` (and labels when every sample has one)."""
+    """Metrics of ``candidate`` against ``reference`` (and labels when every sample has one).
+
+    ``metric`` scores each sample (default: the built-in metric of ``task``).
+    """
     n = len(reference)
-    cos = [_cosine(r, c) for r, c in zip(reference, candidate, strict=False)]
+    metric = metric or BUILTIN.get(task, BUILTIN["generic"])
     pairs = list(zip(reference, candidate, strict=True))
+    cos = [cosine(r, c) for r, c in pairs]
     diff = max((float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) for r, c in pairs), default=0.0)
+    scores = [metric.score(r, c) for r, c in pairs]
     labeled = n > 0 and all(lab is not None for lab in labels)
     ref_acc = cand_acc = drop = None
-    if task == "classification":
+    if metric.task == "classification" and labeled:
         rtop = [int(np.argmax(r.reshape(-1))) for r in reference]
         ctop = [int(np.argmax(c.reshape(-1))) for c in candidate]
-        scores = [1.0 if a == b else 0.0 for a, b in zip(rtop, ctop, strict=False)]
-        if labeled:
-            ref_acc = 100.0 * float(np.mean([a == lab for a, lab in zip(rtop, labels, strict=False)]))
-            cand_acc = 100.0 * float(np.mean([b == lab for b, lab in zip(ctop, labels, strict=False)]))
-            drop = ref_acc - cand_acc
-    elif task == "dense":
-        scores = [_iou(r, c) for r, c in zip(reference, candidate, strict=False)]
-    else:
-        scores = [1.0 if c >= 0.99 else 0.0 for c in cos]
-    worst = sorted(zip(sources, scores if task == "dense" else cos, strict=False), key=lambda t: t[1])[:5]
+        ref_acc = 100.0 * float(np.mean([a == lab for a, lab in zip(rtop, labels, strict=False)]))
+        cand_acc = 100.0 * float(np.mean([b == lab for b, lab in zip(ctop, labels, strict=False)]))
+        drop = ref_acc - cand_acc
+    ranked = scores if metric.task not in ("classification", "generic") else cos
+    worst = sorted(zip(sources, ranked, strict=False), key=lambda t: t[1])[:5]
     return Comparison(
-        task=task,
+        task=metric.task,
         samples=n,
         labeled=labeled,
         reference_accuracy=ref_acc,
@@ -156,6 +130,9 @@ def compare(
         cosine_min=float(min(cos)) if n else 0.0,
         max_abs_diff=diff,
         worst_samples=tuple((s, round(v, 4)) for s, v in worst),
+        metric=metric.name,
+        snr_db_mean=float(np.mean([snr_db(r, c) for r, c in pairs])) if n else 0.0,
+        scores=tuple((s, round(v, 4)) for s, v in zip(sources, scores, strict=False)),
     )
 
 
@@ -192,14 +169,15 @@ def judge(
                     "no labels in the validation set (use class sub-folders)",
                 )
             )
-        if cmp.task in ("classification", "dense"):
+        if cmp.task != "generic":
+            described = BUILTIN[cmp.task].description if cmp.task in BUILTIN else f"mean of {cmp.metric}"
             checks.append(
                 GateCheck(
                     "agreement",
                     round(cmp.agreement, 4),
                     b.min_agreement,
                     cmp.agreement >= b.min_agreement,
-                    "top-1 agreement" if cmp.task == "classification" else f"mean IoU at {DENSE_THRESHOLD}",
+                    described,
                 )
             )
         else:

@@ -197,12 +197,23 @@ def _skimage_folder(root: Path, names: tuple[str, ...]) -> Path:
     return root
 
 
-def test_ppocr_v4_detector_builds_and_the_gate_reports_honestly(tmp_path, keys):
-    """PP-OCRv4 det: opset 12, Constant-node weights, dynamic shapes. The build gets through and the
-    gate reports the INT8-vs-FP32 IoU per image as measured (a naive INT8 build is known to be poor)."""
+PPOCR_SEARCH_BUDGET = 240.0  # seconds; CI runs the whole suite on 2 cores
+
+
+def test_ppocr_v4_detector_search_and_mixed_precision(tmp_path, keys):
+    """PP-OCRv4 det (opset 12, Constant-node weights, dynamic shapes) for rpi4, IoU@0.3 of the
+    probability maps against FP32 on held-out images. Plain INT8 is known to be poor (naive S8S8
+    MinMax: mean IoU 0.64, astronaut 0.0, text 0.46). The issue's acceptance: the bounded search
+    keeps a model with IoU >= 0.90 on every held-out image at most half the FP32 size, reports
+    the host latency ratio, and says which groups got which precision."""
+    import time
+
+    from runtime.manifest import Preprocess
+
     model = _ppocr_model()
     calib = _skimage_folder(tmp_path / "calib", CALIBRATION_IMAGES)
     held_out = _skimage_folder(tmp_path / "val", HELD_OUT_IMAGES)
+    started = time.monotonic()
     res = _build(
         tmp_path,
         keys,
@@ -212,30 +223,64 @@ def test_ppocr_v4_detector_builds_and_the_gate_reports_honestly(tmp_path, keys):
         validation=str(held_out),
         enforce_gate=False,
         bench_iterations=3,
-        preprocess=__import__("runtime.manifest", fromlist=["Preprocess"]).Preprocess(
-            kind="image", color="bgr", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
-        ),
+        metric="dense",
+        search_budget=PPOCR_SEARCH_BUDGET,
+        preprocess=Preprocess(kind="image", color="bgr", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     )
+    wall = time.monotonic() - started
     rep = res.report
+    val, search = rep["validation"], rep["search"]
+    plain = search["attempts"][0]
+    quant = rep["quantize"]
+    print(
+        f"PP-OCRv4 det rpi4: plain INT8 mean IoU {plain['agreement']} -> kept {val['agreement']:.4f};",
+        "per image:",
+        {Path(source).stem: iou for source, iou in val["scores"]},
+        f"size {rep['size']['ratio']:.3f}x, host latency {rep['benchmark']['latency_ratio']:.2f}x FP32,",
+        f"{len(search['attempts'])} attempts, kept '{quant.get('chosen_attempt')}',",
+        f"{len(quant['float_groups'])} groups float, {len(quant.get('int16_weight_groups', []))} int16-weight,",
+        f"search {search['seconds']:.0f} s, build {wall:.0f} s, gate {'passed' if res.passed else 'FAILED'}",
+    )
+    for a in search["attempts"]:
+        print(
+            f"  {a['name']}: IoU {a['agreement']} (worst {a['agreement_min']}), size {a['size_ratio']}x, "
+            f"{a['proxy']}, {a['seconds']} s"
+        )
+    print("  notes:", search["notes"])
     assert rep["model"]["kind"] == "onnx"
     assert rep["export"]["opset"] == 17 and any("12" in n for n in rep["export"]["notes"])
-    assert rep["task"] == "dense" and rep["precision"] == "int8-s8s8"
-    val = rep["validation"]
-    assert val["samples"] == 5 and 0.0 <= val["agreement_min"] <= val["agreement"] <= 1.0
+    assert rep["task"] == "dense"
+    # the label says what was kept: 16-bit activations are not called plain int8
+    bits = quant.get("activation_bits", 8)
+    assert rep["precision"] == (
+        "int8-s8s8" if bits == 8 else f"int8{'+int16' * bool(quant['int16_weight_groups'])}w-a{bits}"
+    )
+    assert val["samples"] == 5 and [s for s, _ in val["scores"]] == sorted(
+        val["scores"] and [s for s, _ in val["scores"]]
+    )
+    assert plain["name"] == "profile recipe" and not plain["passed"]
+    assert search["seconds"] <= PPOCR_SEARCH_BUDGET + 60
+    # the issue's acceptance: IoU >= 0.90 against FP32 on every held-out image, size <= 0.5x FP32
+    scores = {Path(source).stem: iou for source, iou in val["scores"]}
+    assert set(scores) == set(HELD_OUT_IMAGES)
+    assert min(scores.values()) >= 0.90, scores
+    assert rep["size"]["ratio"] <= 0.5
+    assert search["chosen"] == quant["chosen_attempt"]
+    # the report says which groups got which precision
+    kept = next(a for a in search["attempts"] if a["name"] == search["chosen"])
+    assert kept["int16_weight_groups"] == quant["int16_weight_groups"]
+    assert kept["float_groups"] == quant["float_groups"]
+    if quant["int16_weight_groups"]:
+        measured = {w["group"] for w in search["weight_sensitivity"]}
+        assert set(quant["int16_weight_groups"]) <= measured
+    assert {"boundaries", "float_nodes"} <= set(kept["proxy"])
+    # the host latency ratio is reported, and a model slower than FP32 says so loudly
+    ratio = rep["benchmark"]["latency_ratio"]
+    assert ratio is not None
+    assert (ratio > 1.1) == any("slower than FP32" in w for w in res.warnings)
     agreement = next(c for c in rep["gate"]["checks"] if c["name"] == "agreement")
     assert agreement["passed"] == (val["agreement"] >= agreement["limit"])
     assert res.passed == all(c["passed"] is not False for c in rep["gate"]["checks"])
-    assert rep["size"]["ratio"] < 0.5
-    print(
-        "PP-OCRv4 det INT8 vs FP32:",
-        json.dumps({k: val[k] for k in ("agreement", "agreement_min", "cosine_mean")}),
-        "worst:",
-        val["worst_samples"],
-        "size ratio:",
-        rep["size"]["ratio"],
-        "host latency ratio:",
-        rep["benchmark"]["latency_ratio"],
-    )
     with tarfile.open(res.bundle) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert manifest["inputs"][0]["shape"] == [1, 3, 640, 640]

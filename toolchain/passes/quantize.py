@@ -15,6 +15,7 @@ and is byte-identical for the same model, spec and calibration samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import shutil
@@ -31,13 +32,31 @@ from runtime.profile import QuantizationSpec
 from toolchain.calibration import Dataset, DatasetReader, Sample
 from toolchain.errors import DatasetError, PassError, UsageError
 
-__all__ = ["QuantizeResult", "run"]
+__all__ = ["QuantizeResult", "Tuning", "run"]
 
 PASS_NAME = "quantize"
 _log = logging.getLogger(__name__)
 _PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained its `axis` attribute in opset 13
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _MAX_ORT_NOTES = 8
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs the search turns beyond the profile's recipe (the defaults change nothing).
+
+    ``nodes_to_quantize`` (when not empty) quantizes only those nodes — used to measure one
+    node group's sensitivity alone; ``nodes_to_exclude`` keeps nodes in float.
+    ``activation_bits`` 16 quantizes every activation to 16 bits (int16/uint16 as the profile's
+    activation type), ``wide_weights`` names nodes whose weight input is quantized to int16;
+    both use ORT's ``com.microsoft`` Q/DQ ops and make the model opset 21.
+    """
+
+    symmetric_activations: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
+    nodes_to_quantize: tuple[str, ...] = ()
+    activation_bits: int = 8
+    wide_weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,13 +81,20 @@ def run(
     calibration: Dataset | None,
     progress: Callable[[int, int], None] | None = None,
     nodes_to_exclude: Sequence[str] = (),
+    tuning: Tuning | None = None,
+    cache_dir: Path | None = None,
 ) -> QuantizeResult:
     """Quantize ``fp32_path`` into ``out_path`` (one file) as ``spec.mode`` says.
 
     Static mode needs ``calibration`` (at most ``spec.calibration_samples`` of it are used,
     spread evenly over the set); ``progress(done, total)`` follows the calibration samples.
     ``nodes_to_exclude`` names nodes kept in float (names missing from the model are noted).
+    With ``cache_dir``, the pre-processed model and the activation ranges of each calibration
+    method are computed once and reused by later calls with the same ``fp32_path``.
     """
+    tuning = tuning or Tuning()
+    if nodes_to_exclude:
+        tuning = dataclasses.replace(tuning, nodes_to_exclude=(*tuning.nodes_to_exclude, *nodes_to_exclude))
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if not fp32_path.is_file():
         raise PassError(f"{fp32_path}: no such model file", pass_name=PASS_NAME)
@@ -87,16 +113,14 @@ def run(
         ):
             work = Path(tmp)
             if spec.mode == "fp16":
-                excluded = _fp16(fp32_path, work / "model.onnx", nodes_to_exclude, notes)
+                excluded = _fp16(fp32_path, work / "model.onnx", tuning.nodes_to_exclude, notes)
             else:
                 excluded = _integer(
                     fp32_path,
                     work,
                     spec,
-                    samples,
-                    calibration,
-                    progress_cb,
-                    nodes_to_exclude,
+                    _Inputs(samples, calibration, progress_cb, cache_dir),
+                    tuning,
                     notes,
                 )
             _finish(work / "model.onnx", out_path, fp32_path, notes)
@@ -166,14 +190,39 @@ def _copy(src: Path, dst: Path, notes: list[str]) -> None:
         notes.append("copied unchanged")
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    samples: tuple[Sample, ...]
+    calibration: Dataset | None
+    progress: Callable[[int, int], None] | None
+    cache_dir: Path | None
+
+
+def _prepared(src: Path, work: Path, spec: QuantizationSpec, cache_dir: Path | None, notes: list[str]) -> Path:
+    """Opset upgrade + ORT pre-processing, done once per cache directory and per-channel choice."""
+    cached = (
+        cache_dir / f"prepared-{'pc' if spec.per_channel and spec.mode == 'static' else 'pt'}.onnx"
+        if cache_dir
+        else None
+    )
+    if cached is not None and cached.is_file():
+        notes.append("pre-processed model reused from the search cache")
+        return cached
+    model_in = _upgrade_opset(src, work, spec, notes)
+    model_in = _pre_process(model_in, work, notes)
+    if cached is None:
+        return model_in
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_in, cached)
+    return cached
+
+
 def _integer(
     src: Path,
     work: Path,
     spec: QuantizationSpec,
-    samples: tuple[Sample, ...],
-    calibration: Dataset | None,
-    progress: Callable[[int, int], None] | None,
-    nodes_to_exclude: Sequence[str],
+    inputs: _Inputs,
+    tuning: Tuning,
     notes: list[str],
 ) -> tuple[str, ...]:
     """Static or dynamic INT8 via onnxruntime.quantization; returns the excluded node names."""
@@ -185,9 +234,9 @@ def _integer(
         quantize_static,
     )
 
-    model_in = _upgrade_opset(src, work, spec, notes)
-    model_in = _pre_process(model_in, work, notes)
-    excluded = _existing_nodes(model_in, nodes_to_exclude, notes)
+    samples, calibration = inputs.samples, inputs.calibration
+    model_in = _prepared(src, work, spec, inputs.cache_dir, notes)
+    excluded = _existing_nodes(model_in, tuning.nodes_to_exclude, notes)
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     out = work / "model.onnx"
     if spec.mode == "dynamic":
@@ -213,20 +262,54 @@ def _integer(
             "(not configurable there), which often yields the min-max range; 'percentile' clips "
             "outliers"
         )
+    ranges = inputs.cache_dir / f"ranges-{spec.calibration_method}.json" if inputs.cache_dir else None
+    if ranges is not None and ranges.is_file():
+        notes.append(f"{spec.calibration_method} activation ranges reused from the search cache")
+    extra: dict[str, Any] = {"ActivationSymmetric": True} if tuning.symmetric_activations else {}
+    activation = qtype[spec.activation_type]
+    if tuning.activation_bits == 16 or tuning.wide_weights:
+        extra["UseQDQContribOps"] = True
+        extra["TensorQuantOverrides"] = _wide_weight_overrides(model_in, tuning.wide_weights, spec.per_channel)
+        if tuning.activation_bits == 16:
+            activation = {"int8": QuantType.QInt16, "uint8": QuantType.QUInt16}[spec.activation_type]
     quantize_static(
         model_in,
         out,
-        DatasetReader(samples, progress=progress),
+        None if ranges is not None and ranges.is_file() else DatasetReader(samples, progress=inputs.progress),
         quant_format=QuantFormat.QDQ if spec.format == "qdq" else QuantFormat.QOperator,
         per_channel=spec.per_channel,
         reduce_range=spec.reduce_range,
-        activation_type=qtype[spec.activation_type],
+        activation_type=activation,
         weight_type=qtype[spec.weight_type],
         nodes_to_exclude=list(excluded),
+        nodes_to_quantize=list(tuning.nodes_to_quantize),
         calibrate_method=method,
         calibration_providers=["CPUExecutionProvider"],
+        extra_options=extra,
+        calibration_cache_path=ranges,
     )
     return excluded
+
+
+def _wide_weight_overrides(model_path: Path, nodes: Sequence[str], per_channel: bool) -> dict[str, list[Any]]:
+    """``TensorQuantOverrides`` making the weight input of ``nodes`` int16 (same channel axis as ORT uses)."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    if not nodes:
+        return {}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    wanted = set(nodes)
+    out: dict[str, list[Any]] = {}
+    for node in graph.node:
+        if node.name not in wanted or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        override: dict[str, Any] = {"quant_type": QuantType.QInt16}
+        if per_channel and node.op_type in ("Conv", "ConvTranspose"):
+            override["axis"] = 0 if node.op_type == "Conv" else 1
+        out[node.input[1]] = [override]
+    return out
 
 
 def _upgrade_opset(src: Path, work: Path, spec: QuantizationSpec, notes: list[str]) -> Path:
