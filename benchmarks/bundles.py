@@ -93,6 +93,7 @@ def _build(ctx: Context, key: str, label: str, image: np.ndarray, tag: str = "",
             name=key,
             bench_iterations=0,
             enforce_gate=False,  # the benchmarks measure speed and memory, not accuracy
+            search=False,  # the profile's plain recipe: the accuracy search is measured by its own test
             **request,
         )
     )

@@ -120,6 +120,7 @@ def _bundles(ctx: Context) -> _Built:
                 version=version,
                 bench_iterations=0,
                 enforce_gate=False,  # sizes and timings are measured here, not accuracy
+                search=False,  # the plain recipe: one build per version, no accuracy search
             )
         )
         assert res.bundle is not None
