@@ -62,6 +62,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from runtime import topics
+from runtime.durable import write_atomic
 from runtime.errors import CommandError, CommandRefused, ConfigError
 from runtime.schema import from_dict, to_dict
 from runtime.signing import key_id
@@ -434,7 +435,7 @@ class ReplayState:
             "seen": [{"id": k, **v} for k, v in self._seen.items()],
         }
         try:
-            _atomic_write(self.path, json.dumps(doc, default=str).encode())
+            write_atomic(self.path, json.dumps(doc, default=str).encode())
         except OSError as exc:
             raise CommandError(
                 f"cannot write {self.path}: {exc.strerror}; check the state directory's space and permissions",
@@ -481,22 +482,6 @@ def _finite(value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError(f"not a finite number: {value!r}")
     return number
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, even across power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- the channel --------------------------------------------------------------------------------
@@ -896,7 +881,7 @@ def config_set_handler(
             raise CommandError(str(exc)) from exc
         path = Path(state_dir) / OVERRIDE_FILE
         try:
-            _atomic_write(path, json.dumps(_with(overrides, parts, value), indent=2, sort_keys=True).encode())
+            write_atomic(path, json.dumps(_with(overrides, parts, value), indent=2, sort_keys=True).encode())
         except OSError as exc:
             raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
         live, problem = False, None

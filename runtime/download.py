@@ -55,6 +55,7 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from runtime.bundle import file_digest
+from runtime.durable import fsync_dir
 from runtime.errors import ConfigError, DownloadError
 from runtime.topics import blob_filter, validate_segment
 
@@ -185,16 +186,8 @@ def _finish(url: str, part: Path, dest: Path, sha256: str, size: int | None) -> 
         os.fsync(fh.fileno())
     os.replace(part, dest)
     chunks_path(dest).unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fetch_file(url: str, part: Path, progress: Progress | None) -> None:

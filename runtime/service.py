@@ -706,6 +706,8 @@ def _test_stall() -> int:
 
 def read_status(state_dir: Path | None, *, config: str | None) -> dict[str, Any]:
     """The running service's status file plus logbook numbers; says when the service is not running."""
+    import psutil
+
     from runtime.logbook import open_readonly
 
     cfg = None
@@ -719,7 +721,7 @@ def read_status(state_dir: Path | None, *, config: str | None) -> dict[str, Any]
     if path.is_file():
         status = json.loads(path.read_text())
         pid = status.get("pid")
-        status["running"] = isinstance(pid, int) and _pid_alive(pid)
+        status["running"] = isinstance(pid, int) and psutil.pid_exists(pid)
         status["age_s"] = round(time.time() - float(status.get("updated", 0)), 1)
     else:
         status["running"] = False
@@ -730,16 +732,6 @@ def read_status(state_dir: Path | None, *, config: str | None) -> dict[str, Any]
         except EdgeError as exc:
             status["logbook_stats"] = {"error": str(exc)}
     return status
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_since(text: str) -> float:

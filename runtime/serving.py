@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.durable import write_atomic
 from runtime.errors import EdgeError
 from runtime.shadow import ModelSlot, SharedModel, Trial
 
@@ -163,10 +164,7 @@ class Models:
         stored = self.store.add(Path(bundle), trusted_keys=self.trusted_keys, source="factory")
         self.store.activate(stored.name, stored.version)
         self.store.mark_good()
-        path = Path(self.cfg.state_dir) / FACTORY_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_stamp(bundle)))
-        os.replace(tmp, path)
+        write_atomic(Path(self.cfg.state_dir) / FACTORY_FILE, json.dumps(_stamp(bundle)).encode())
         self.factory = bundle
         return stored
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle import MANIFEST_NAME, SIGNATURE_NAME, file_digest, open_bundle, peek_bundle
+from runtime.durable import fsync_dir, write_atomic
 from runtime.errors import BundleError, StoreError
 from runtime.manifest import Manifest
 
@@ -131,24 +132,6 @@ def inject_crash(injected: str | None, version: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _ref(model: StoredModel | None) -> dict[str, str] | None:
     return {"name": model.name, "version": model.version} if model is not None else None
 
@@ -208,19 +191,9 @@ class ModelStore:
 
     def _write_json(self, path: Path, obj: Mapping[str, Any]) -> None:
         """Replace ``path`` atomically: temp file beside it, fsync, rename, fsync the directory."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write {path.name}: {exc.strerror}", path=path.parent) from exc
 
     def _remove(self, path: Path) -> None:
@@ -230,10 +203,12 @@ class ModelStore:
             return
         except OSError as exc:
             raise StoreError(f"cannot remove {path.name}: {exc.strerror}", path=path.parent) from exc
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _clean_leftovers(self) -> None:
         """Remove what a killed process left: staging dirs, half-deleted versions, temp files."""
+        import psutil  # only here: a staging dir's owner may still be alive
+
         now = time.time()
         for entry in self.root.iterdir():
             name = entry.name
@@ -245,7 +220,7 @@ class ModelStore:
                     old = now - entry.lstat().st_mtime > _STALE_STAGING_S
                 except FileNotFoundError:
                     continue  # its add just finished
-                if old or not _pid_alive(int(pid)):
+                if old or not psutil.pid_exists(int(pid)):
                     log.info("removing %s, left by an interrupted add", entry)
                     shutil.rmtree(entry, ignore_errors=True)
             elif name.startswith(_TRASH):
@@ -412,7 +387,7 @@ class ModelStore:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             f.chmod(0o444)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         with self._locked():
             held = self._read_meta(target)
             if held is not None:
@@ -428,10 +403,10 @@ class ModelStore:
             created = not target.parent.exists()
             target.parent.mkdir(exist_ok=True)
             if created:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             os.rename(staging, target)
-            _fsync_dir(target.parent)
-            _fsync_dir(self.root)
+            fsync_dir(target.parent)
+            fsync_dir(self.root)
         log.info("stored %s %s (%s, %d bytes)", manifest.name, manifest.version, sha[:12], size)
         model = self._read_meta(target)
         assert model is not None  # just written
@@ -523,7 +498,7 @@ class ModelStore:
         """Remove a version directory so that a kill -9 midway never leaves half a version listed."""
         trash = self.root / f"{_TRASH}{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(vdir, trash)
-        _fsync_dir(vdir.parent)
+        fsync_dir(vdir.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def collect(self, *, protect: Sequence[tuple[str, str]] = ()) -> builtins.list[StoredModel]:
