@@ -22,11 +22,11 @@ is checked afterwards like for any bundle (the model store's ``add``). Needs ``z
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.durable import write_atomic
 from runtime.errors import DeltaError
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DeltaHeader", "apply_delta", "read_header", "window_log"]
@@ -101,7 +101,7 @@ def apply_delta(old_bundle: Path, delta: Path, out: Path, *, expected_sha256: st
             f"sha256 {expected_sha256}; fetch the full bundle",
             path=delta,
         )
-    _write_atomic(out, result)
+    write_atomic(out, result)
     return out
 
 
@@ -126,21 +126,3 @@ def _decompress(base: bytes, frame: bytes, header: DeltaHeader, delta: Path) -> 
         return dctx.decompress(frame, max_output_size=header.result_size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise DeltaError(f"corrupt or truncated zstd data ({exc}); fetch the full bundle", path=delta) from exc
-
-
-def _write_atomic(out: Path, data: bytes) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,9 +18,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Replace ``path`` with ``data``: a unique temp file beside it, fsync, rename, fsync the directory.
 
+    Concurrent writers never share a temp file, so the last rename wins and none fails.
+    ``durable=False`` skips both fsyncs for snapshots that are rewritten often (still never torn).
     Raises ``OSError`` (the temp file is removed); callers translate it into their package's error.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,11 +31,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.config import ServiceConfig
+from runtime.durable import write_atomic
 from runtime.errors import ConfigError, EdgeError, InputError
 from runtime.serving import Models, feeds_for
 from runtime.shadow import Trial
@@ -671,10 +672,12 @@ class Service:
         return out
 
     def _write_status(self) -> None:
+        """Snapshot the status for `edge-runtime status`; the health thread and shutdown may race here."""
         path = self.cfg.state_path / STATUS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), default=str))
-        os.replace(tmp, path)
+        try:
+            write_atomic(path, json.dumps(self.status(), default=str).encode(), durable=False)
+        except OSError as exc:  # a status snapshot is advisory: never let it stop the service
+            log.warning("could not write %s: %s", path, exc)
 
     def _shutdown(self) -> None:
         self.stop_event.set()

@@ -473,6 +473,7 @@ IN_ROOT_TESTS = (
     "tests/unit/test_notify.py",
     "tests/unit/test_health.py",
     "tests/unit/test_topics.py",
+    "tests/unit/test_durable.py",
 )
 OPTIONAL_TESTS = ("tests/unit/test_store.py", "tests/unit/test_rollout.py", "tests/unit/test_download.py")
 _SUPPORT = (
