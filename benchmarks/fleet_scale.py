@@ -77,7 +77,9 @@ def publisher_main(argv: Sequence[str]) -> int:
         device, seqs = f"{prefix}-{i:03d}", itertools.count(1)
         for _ in range(batches):
             recs = [
-                OutboxRecord(next(seqs), "inferences", time.time(), {**result, "latency_ms": 0.04, "result": {"k": 3}})
+                OutboxRecord.of(
+                    next(seqs), "inferences", time.time(), {**result, "latency_ms": 0.04, "result": {"k": 3}}
+                )
                 for _ in range(_RECORDS_PER_BATCH)
             ]
             payloads.append((i, f"edge/{FLEET}/{device}/inferences", encode_batch(FLEET, device, "inferences", recs)))

@@ -153,6 +153,7 @@ class MqttSection:
     cert_file: str = ""
     key_file: str = ""
     batch_size: int = 200
+    linger_ms: int = 50  # a partial batch waits this long after the previous one (fewer, fuller batches)
     compress: bool = False
     operator_keys: tuple[str, ...] = ()  # keys trusted for commands; () = trusted_keys
 
@@ -161,6 +162,8 @@ class MqttSection:
             return "port: expected 1..65535"
         if not 1 <= self.batch_size <= 10000:
             return "batch_size: expected 1..10000"
+        if not 0 <= self.linger_ms <= 10000:
+            return "linger_ms: expected 0..10000"
         if self.key_file and not self.cert_file:
             return "key_file: needs cert_file too"
         if self.password_file and not self.username:

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ from runtime.errors import ConfigError, LogbookError
 from runtime.logbook_schema import (
     COLUMNS,
     INSERT,
+    JSON_COLUMNS,
     SCHEMA_VERSION,
     TABLES,
     check_number,
@@ -72,7 +74,7 @@ _RETRY_MAX_S = 5.0
 _DELETE_BATCH = 5000  # most rows deleted per step when trimming to a cap
 _HEADROOM = 0.02  # a cap trims to 98 % of itself, so it does not trim again on the next commit
 _EXPORT_PAGE = 1000
-_Item = tuple[str, tuple[Any, ...]]  # (table, row); table "" carries seqs to mark synced
+_Item = tuple[str, tuple[Any, ...]]  # (table, row); table "" carries (table or "", *seqs) to mark synced
 
 
 @dataclass(frozen=True)
@@ -104,19 +106,37 @@ class LogbookConfig:
 
 @dataclass(frozen=True)
 class OutboxRecord:
-    """An unsynced record: its sequence number, table, timestamp and fields (JSON columns decoded)."""
+    """An unsynced record: its sequence number, table, timestamp, and the record as wire JSON.
+
+    ``wire`` is ``{"seq": …, "ts": …, <fields>}`` as compact UTF-8 JSON, built from the stored row
+    without decoding its JSON columns (the sync pastes it into a batch as it is).
+    """
 
     seq: int
     table: str
     ts: float
-    payload: dict[str, Any]
+    wire: str
+
+    @classmethod
+    def of(cls, seq: int, table: str, ts: float, payload: Mapping[str, Any]) -> OutboxRecord:
+        """A record from decoded fields (for tests and benchmarks that make records without a logbook)."""
+        return cls(seq, table, ts, _WIRE_ENCODE({"seq": seq, "ts": ts, **payload}))
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The record's fields, JSON columns decoded (without ``seq`` and ``ts``)."""
+        fields: dict[str, Any] = json.loads(self.wire)
+        del fields["seq"], fields["ts"]
+        return fields
 
 
 class LogbookReader:
     """Read-only access to a logbook file: safe from any thread, and from another process while a writer runs.
 
     Every call opens its own short-lived read-only connection, so readers never block the
-    writer and never hold a WAL snapshot between calls.
+    writer and never hold a WAL snapshot between calls. :meth:`pending`, which the sync calls for
+    every batch, keeps one connection per thread open instead (outside a statement it holds no
+    snapshot either; opening one costs more than the query); :meth:`close` closes those.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -125,6 +145,9 @@ class LogbookReader:
             raise LogbookError("no logbook here; start `edge-runtime serve` to create it", path=self.path)
         check_sqlite_file(self.path)
         self._uri = self.path.resolve().as_uri() + "?mode=ro"
+        self._kept = threading.local()
+        self._kept_lock = threading.Lock()
+        self._kept_all: list[sqlite3.Connection] = []
         with self._connect() as conn:
             found = user_version(conn)
         if found == 0:
@@ -138,17 +161,38 @@ class LogbookReader:
             )
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            conn = sqlite3.connect(self._uri, uri=True, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise LogbookError(f"cannot open for reading: {exc}", path=self.path) from exc
+    def _connect(self, *, keep: bool = False) -> Iterator[sqlite3.Connection]:
+        """A read-only connection; ``keep``: this thread's kept one (reopened after an error)."""
+        conn = getattr(self._kept, "conn", None) if keep else None
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self._uri, uri=True, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise LogbookError(f"cannot open for reading: {exc}", path=self.path) from exc
+            if keep:
+                self._kept.conn = conn
+                with self._kept_lock:
+                    self._kept_all.append(conn)
+        failed = True
         try:
             yield conn
+            failed = False
         except sqlite3.DatabaseError as exc:
             raise LogbookError(f"cannot read: {exc}", path=self.path) from exc
         finally:
+            if not keep:
+                conn.close()
+            elif failed:
+                self._kept.conn = None
+                conn.close()
+
+    def close(self) -> None:
+        """Close the connections :meth:`pending` kept open (a later call opens a new one)."""
+        with self._kept_lock:
+            kept, self._kept_all = self._kept_all, []
+        for conn in kept:
             conn.close()
+        self._kept = threading.local()
 
     def tail(self, n: int = 20, *, table: str = "inferences") -> list[dict[str, Any]]:
         """The last ``n`` rows of ``table``, oldest first."""
@@ -187,15 +231,15 @@ class LogbookReader:
     def pending(self, limit: int = 500) -> list[OutboxRecord]:
         """Up to ``limit`` unsynced records of all tables, in ``seq`` order."""
         per_table = []
-        with self._connect() as conn:
+        with self._connect(keep=True) as conn:
             for table in TABLES:
-                columns = COLUMNS[table]
+                plain, raw = _WIRE_COLUMNS[table]
                 rows = conn.execute(
-                    f"SELECT {', '.join(columns)} FROM {table} WHERE synced = 0 ORDER BY seq LIMIT ?", (limit,)
+                    f"SELECT {', '.join((*plain, *raw))} FROM {table} WHERE synced = 0 ORDER BY seq LIMIT ?", (limit,)
                 ).fetchall()
-                per_table.append([(row[0], table, decode_row(columns, row)) for row in rows])
+                per_table.append([(row[0], table, row) for row in rows])
         merged = itertools.islice(heapq.merge(*per_table), max(0, limit))
-        return [OutboxRecord(seq, table, float(r.pop("ts")), _payload(r)) for seq, table, r in merged]
+        return [OutboxRecord(seq, table, float(row[1]), _wire(table, row)) for seq, table, row in merged]
 
     def stats(self) -> dict[str, Any]:
         """Rows per table, unsynced rows, bytes on disk and in use, rows dropped unsynced, last seq and commit."""
@@ -330,13 +374,17 @@ class Logbook:
         fields = (check_text(kind, "kind"), level, check_text(message, "message"), encode_json(data, "data"))
         return self._append("events", ts, fields)
 
-    def mark_synced(self, seqs: Iterable[int]) -> None:
-        """Queue marking these records synced (the writer applies it); they leave :meth:`pending` at once."""
+    def mark_synced(self, seqs: Iterable[int], *, table: str | None = None) -> None:
+        """Queue marking these records synced (the writer applies it); they leave :meth:`pending` at once.
+
+        ``table``: all of ``seqs`` are rows of that table (one update per record instead of one per table).
+        """
         marked = tuple(int(s) for s in seqs)
         if not marked or not self.config.outbox:
             return
+        where = "" if table is None else _table(table)
         with self._lock:
-            self._enqueue(("", marked))
+            self._enqueue(("", (where, *marked)))
             self._marking.update(marked)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -359,6 +407,7 @@ class Logbook:
             self._thread.join()
             return
         self._thread.join()
+        self._reader.close()
         os.close(self._lock_fd)
         if self._lost:
             raise LogbookError(
@@ -512,7 +561,7 @@ class Logbook:
                         return False
                     self._writer_wake.wait(delay)  # close() cuts the back-off short
                 delay = min(2 * delay, _RETRY_MAX_S)
-        marked = [s for table, row in items if not table for s in row]
+        marked = [s for table, row in items if not table for s in row[1:]]
         with self._lock:
             self._committed += len(items)
             self._marking.difference_update(marked)
@@ -522,18 +571,19 @@ class Logbook:
 
     def _write(self, items: list[_Item]) -> None:
         rows: dict[str, list[tuple[Any, ...]]] = {}
-        marks: list[tuple[int]] = []
+        marks: dict[str, list[tuple[int]]] = {}  # table ("" when not known) -> seqs to mark synced
         for table, row in items:
             if table:
                 rows.setdefault(table, []).append(row)
             else:
-                marks.extend((s,) for s in row)
+                marks.setdefault(row[0], []).extend((s,) for s in row[1:])
         with self._transaction() as conn:
             for table, table_rows in rows.items():
                 conn.executemany(INSERT[table], table_rows)
                 self._stored_next = max(self._stored_next, table_rows[-1][0] + 1)
-            for table in TABLES if marks else ():
-                conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", marks)
+            for where, seqs in marks.items():
+                for table in (where,) if where else TABLES:
+                    conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", seqs)
             self._write_meta(conn)
 
     @contextlib.contextmanager
@@ -718,7 +768,23 @@ def _table(name: str) -> str:
     return name
 
 
-def _payload(row: dict[str, Any]) -> dict[str, Any]:
-    row.pop("seq")
-    row.pop("synced")
-    return row
+_WIRE_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+#: Per table: the plain columns (``seq`` and ``ts`` first, as on the wire) and the JSON columns, pasted as stored.
+_WIRE_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    t: (
+        tuple(c for c in cols if c not in JSON_COLUMNS and c != "synced"),
+        tuple(c for c in cols if c in JSON_COLUMNS),
+    )
+    for t, cols in COLUMNS.items()
+}
+
+
+def _wire(table: str, row: Sequence[Any]) -> str:
+    """A stored row as wire JSON: plain columns encoded, JSON columns (stored compact and valid) pasted in."""
+    plain, raw = _WIRE_COLUMNS[table]
+    head = _WIRE_ENCODE(dict(zip(plain, row, strict=False)))
+    if not raw:
+        return head
+    tail = ",".join(f'"{name}":{text}' for name, text in zip(raw, row[len(plain) :], strict=True))
+    return f"{head[:-1]},{tail}}}"

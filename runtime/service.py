@@ -428,6 +428,7 @@ class Service:
             fleet=cfg.fleet,
             device=cfg.device,
             batch_size=m.batch_size,
+            linger_s=m.linger_ms / 1000,
             compress=m.compress,
             status=self._birth,
         )

@@ -59,15 +59,9 @@ class BatchError(EdgeError, ValueError):
 
 
 def encode_batch(fleet: str, device: str, table: str, records: list[OutboxRecord], *, compress: bool = False) -> bytes:
-    """One batch as bytes (JSON, or its zlib stream with ``compress``)."""
-    body = {
-        "v": WIRE_VERSION,
-        "device": device,
-        "fleet": fleet,
-        "table": table,
-        "records": [{"seq": r.seq, "ts": r.ts, **r.payload} for r in records],
-    }
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """One batch as bytes (JSON, or its zlib stream with ``compress``); records go in as their wire JSON."""
+    head = {"v": WIRE_VERSION, "device": device, "fleet": fleet, "table": table}
+    raw = _json(head)[:-1] + b',"records":[' + ",".join(r.wire for r in records).encode("utf-8") + b"]}"
     return zlib.compress(raw, 6) if compress else raw
 
 
@@ -156,12 +150,14 @@ class Sync:
         status: Callable[[], Mapping[str, Any]] | None = None,
         poll_interval_s: float = 0.5,
         retry_delay_s: float = 5.0,
+        linger_s: float = 0.05,
     ) -> None:
         checks = (
             ("batch_size", batch_size, batch_size >= 1, ">= 1"),
             ("max_inflight_batches", max_inflight_batches, max_inflight_batches >= 1, ">= 1"),
             ("poll_interval_s", poll_interval_s, poll_interval_s > 0, "> 0"),
             ("retry_delay_s", retry_delay_s, retry_delay_s >= 0, ">= 0"),
+            ("linger_ms", linger_s * 1000, 0 <= linger_s <= 10, "0..10000"),
         )
         for key, value, ok, rule in checks:
             if not ok:
@@ -169,7 +165,7 @@ class Sync:
         self.link, self.logbook = link, logbook
         self.fleet, self.device = validate_segment(fleet, "fleet"), validate_device(device)
         self.batch_size, self.compress, self.max_inflight = batch_size, compress, max_inflight_batches
-        self.poll_interval_s, self.retry_delay_s = poll_interval_s, retry_delay_s
+        self.poll_interval_s, self.retry_delay_s, self.linger_s = poll_interval_s, retry_delay_s, linger_s
         self._status = status
         self._topics = {t: data_topic(self.fleet, self.device, t) for t in DATA_TABLES}
         self._status_topic = status_topic(self.fleet, self.device)
@@ -178,6 +174,8 @@ class Sync:
         self._closing = False
         self._inflight: list[_Batch] = []  # touched by the edge-sync thread only
         self._retry_at = 0.0
+        self._partial_at = 0.0  # a partial batch may go out from then on (linger)
+        self._due = 0.0  # wake for a held-back partial batch then (0: no wake needed)
         self._counts = {"batches_acked": 0, "records_acked": 0, "batches_failed": 0, "births": 0}
         self._last_ack: float | None = None
         self._thread: threading.Thread | None = None
@@ -267,7 +265,10 @@ class Sync:
         while True:
             with self._cond:
                 if not self._wake and not self._closing:
-                    self._cond.wait(self.poll_interval_s)
+                    wait = self.poll_interval_s
+                    if self._due:
+                        wait = min(wait, max(0.0, self._due - time.monotonic()))
+                    self._cond.wait(wait)
                 self._wake = False
                 if self._closing:
                     return
@@ -284,9 +285,9 @@ class Sync:
         done = [b for b in self._inflight if b.handle.done]
         if not done:
             return
-        acked = [s for b in done if b.handle.acked for s in b.seqs]
-        if acked:
-            self.logbook.mark_synced(acked)
+        acked = [b for b in done if b.handle.acked]
+        for batch in acked:
+            self.logbook.mark_synced(batch.seqs, table=batch.table)
         self._inflight = [b for b in self._inflight if not b.handle.done]
         for batch in done:
             if batch.handle.acked:
@@ -302,13 +303,28 @@ class Sync:
             self.logbook.flush(_FLUSH_TIMEOUT_S)  # a kill after this re-sends only batches still in flight
 
     def _fill(self) -> None:
-        """Publish new batches while fewer than half of the in-flight slots are taken (or none are)."""
+        """Publish new batches while fewer than half of the in-flight slots are taken (or none are).
+
+        A partial batch goes out only when nothing is in flight and ``linger_s`` has passed since the last
+        partial one: a quiet device sends a record at once, a busy one sends fewer, fuller batches (each
+        ack costs a commit) while its records wait at most ``linger_s`` longer.
+        """
         free = self.max_inflight - len(self._inflight)
         if free <= 0 or (self._inflight and free < (self.max_inflight + 1) // 2):
             return
         busy = {s for b in self._inflight for s in b.seqs}
         records = [r for r in self.logbook.pending(free * self.batch_size + len(busy)) if r.seq not in busy]
-        for table, chunk in _chunks(records, self.batch_size)[:free]:
+        chunks = _chunks(records, self.batch_size)[:free]
+        now = time.monotonic()
+        self._due = 0.0
+        if self._inflight or now < self._partial_at:
+            full = [c for c in chunks if len(c[1]) >= self.batch_size]
+            if len(full) < len(chunks) and not self._inflight:
+                self._due = self._partial_at  # nothing in flight to wake us: wake when the linger is over
+            chunks = full
+        for table, chunk in chunks:
+            if len(chunk) < self.batch_size:
+                self._partial_at = now + self.linger_s
             self._publish(table, chunk)
 
     def _publish(self, table: str, records: list[OutboxRecord]) -> None:

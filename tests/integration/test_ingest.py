@@ -49,16 +49,16 @@ def _inference(seq: int) -> OutboxRecord:
         "latency_ms": 1.5 + seq,
         "result": {"top": [{"label": str(seq % 10), "score": 0.9}]},
     }
-    return OutboxRecord(seq, "inferences", 1_700_000_000.0 + seq, payload)
+    return OutboxRecord.of(seq, "inferences", 1_700_000_000.0 + seq, payload)
 
 
 def _metric(seq: int) -> OutboxRecord:
-    return OutboxRecord(seq, "metrics", 1_700_000_000.0 + seq, {"name": "cpu_percent", "value": seq, "labels": {}})
+    return OutboxRecord.of(seq, "metrics", 1_700_000_000.0 + seq, {"name": "cpu_percent", "value": seq, "labels": {}})
 
 
 def _event(seq: int) -> OutboxRecord:
     payload = {"kind": "model.loaded", "level": "info", "message": f"event {seq}", "data": {"seq": seq}}
-    return OutboxRecord(seq, "events", 1_700_000_000.0 + seq, payload)
+    return OutboxRecord.of(seq, "events", 1_700_000_000.0 + seq, payload)
 
 
 def _batch(device: str, table: str, records: list[OutboxRecord], *, compress: bool = False) -> bytes:

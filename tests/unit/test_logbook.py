@@ -434,6 +434,35 @@ def test_pending_and_mark_synced(tmp_path: Path) -> None:
     assert reader.tail(2)[0]["synced"] is True
 
 
+def test_mark_synced_with_a_table_marks_only_that_tables_rows(tmp_path: Path) -> None:
+    with _open(tmp_path) as lb:
+        inference, metric = _infer(lb, 0), lb.record_metric("m", 1.0)
+        lb.flush()
+        lb.mark_synced([inference, metric], table="metrics")  # the inference's seq is not a metrics row
+        lb.flush()
+        assert lb.stats()["unsynced"] == 1
+        with pytest.raises(LogbookError, match="unknown table"):
+            lb.mark_synced([inference], table="inference")
+    assert [r.seq for r in open_readonly(tmp_path / "log.db").pending()] == [inference]
+
+
+def test_pending_wire_json_is_the_stored_row_re_encoded(tmp_path: Path) -> None:
+    """The outbox pastes stored JSON columns instead of decoding them: the text must equal a full re-encode."""
+    result = {"top1": {"index": 3, "label": "drei ✓", "score": 0.1 + 0.2}, "outputs": {"y": [1e-30, -0.0, 7]}}
+    with _open(tmp_path) as lb:
+        lb.record_inference(model="m", version="1", input_ref='cam "0"', latency_ms=1 / 3, result=result)
+        lb.record_metric("temp", 51.25, labels={"zone": "cpu"})
+        lb.record_event("model.swap", "to 2.0", data={"from": None, "ok": True})
+        lb.flush()
+        rows = {r["seq"]: r for t in ("inferences", "metrics", "events") for r in lb.tail(5, table=t)}
+        for record in lb.pending():
+            row = dict(rows[record.seq])
+            del row["synced"]
+            expected = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+            assert record.wire == expected
+            assert json.loads(record.wire) == {**record.payload, "seq": record.seq, "ts": record.ts}
+
+
 def test_without_sync_every_row_counts_as_synced(tmp_path: Path) -> None:
     with _open(tmp_path, outbox=False) as lb:
         _infer(lb, 0)
