@@ -89,12 +89,20 @@ class LoadedModel:
         return self.tensor_from_image(load_image(p))
 
     def run(self, feeds: Mapping[str, np.ndarray], *, ref: str = "", full_outputs: bool = False) -> Prediction:
-        """One inference through the reused input buffers."""
+        """One inference; an input that needs a cast or is not contiguous goes through a reused buffer.
+
+        A contiguous input of the model's dtype goes to the engine as it is (ONNX Runtime reads it in
+        place): copying a 1×3×640×640 float tensor would cost about 0.35 ms per item for nothing.
+        """
         with self._lock:
             staged: dict[str, np.ndarray] = {}
             for name, arr in feeds.items():
                 buf = self._buffers.get(name)
-                if buf is not None and buf.shape == arr.shape:
+                if (
+                    buf is not None
+                    and buf.shape == arr.shape
+                    and (arr.dtype != buf.dtype or not arr.flags.c_contiguous)
+                ):
                     np.copyto(buf, arr, casting="same_kind")
                     staged[name] = buf
                 else:

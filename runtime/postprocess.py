@@ -8,7 +8,9 @@ import numpy as np
 
 from runtime.manifest import Postprocess
 
-__all__ = ["classify", "softmax", "summarize"]
+__all__ = ["classify", "softmax", "summarize", "top_indices"]
+
+_SORT_ALL_BELOW = 64  # shorter vectors are sorted whole: partitioning does not pay off
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -23,10 +25,7 @@ def classify(output: np.ndarray, spec: Postprocess) -> dict[str, Any]:
     """Top-k classes of one sample's class vector; ``top1`` is ``{"index", "label", "score"}``."""
     vec = output.reshape(-1)
     probs = softmax(vec) if spec.softmax else vec.astype(np.float32, copy=False)
-    k = min(spec.top_k, probs.size)
-    # A stable sort of the whole vector: equal scores (common in dequantized int8 outputs) rank by
-    # index, so top-1 is np.argmax's choice — the one the toolchain's validation counted.
-    idx = np.argsort(-probs, kind="stable")[:k]
+    idx = top_indices(probs, spec.top_k)
 
     def entry(i: int) -> dict[str, Any]:
         label = spec.labels[i] if i < len(spec.labels) else str(i)
@@ -34,6 +33,23 @@ def classify(output: np.ndarray, spec: Postprocess) -> dict[str, Any]:
 
     top = [entry(int(i)) for i in idx]
     return {"top1": top[0], "topk": top}
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, highest first; equal scores rank by index.
+
+    Equal scores are common in dequantized int8 outputs; ranking them by index makes top-1
+    np.argmax's choice — the one the toolchain's validation counted. Long vectors are partitioned
+    first (O(n)), so only the candidates tied with or above the k-th score are sorted.
+    """
+    k = min(k, scores.size)
+    if scores.size <= _SORT_ALL_BELOW or k <= 0:
+        return np.argsort(-scores, kind="stable")[:k]
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    cand = np.flatnonzero(scores >= kth)  # index order, so the stable sort keeps ties by index
+    if cand.size < k:  # NaN scores compare false: rank the whole vector as argsort does
+        return np.argsort(-scores, kind="stable")[:k]
+    return cand[np.argsort(-scores[cand], kind="stable")][:k]
 
 
 def summarize(outputs: list[np.ndarray], names: list[str], spec: Postprocess, *, full: bool = False) -> dict[str, Any]:
@@ -47,10 +63,21 @@ def summarize(outputs: list[np.ndarray], names: list[str], spec: Postprocess, *,
             "shape": list(m.shape),
             "mean": float(m.mean()),
             "max": float(m.max()),
-            "coverage_0.3": float((m > 0.3).mean()),
+            "coverage_0.3": np.count_nonzero(m > 0.3) / max(m.size, 1),
         }
     result["outputs"] = {
-        name: (out.tolist() if full or out.size <= 64 else {"shape": list(out.shape), "dtype": str(out.dtype)})
+        name: (out.tolist() if full or out.size <= 64 else {"shape": list(out.shape), "dtype": _dtype_name(out.dtype)})
         for name, out in zip(names, outputs, strict=True)
     }
     return result
+
+
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def _dtype_name(dtype: np.dtype[Any]) -> str:
+    """``str(dtype)``, cached (it costs microseconds per call on the serving path)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.manifest import Postprocess
-from runtime.postprocess import classify
+from runtime.postprocess import classify, top_indices
 
 
 def test_ties_rank_by_index_like_argmax() -> None:
@@ -21,3 +21,17 @@ def test_top_k_is_sorted_and_labelled() -> None:
     spec = Postprocess(kind="classification", softmax=False, top_k=2, labels=("a", "b", "c"))
     result = classify(np.array([0.2, 0.5, 0.3], np.float32), spec)
     assert [(e["label"], round(e["score"], 3)) for e in result["topk"]] == [("b", 0.5), ("c", 0.3)]
+
+
+def test_top_indices_matches_a_stable_full_sort_on_long_vectors() -> None:
+    """The partitioned top-k of a long vector ranks exactly as a stable sort of the whole vector."""
+    rng = np.random.default_rng(7)
+    for n in (10, 64, 65, 1000):
+        for k in (1, 5, 20):
+            for tied in (False, True):
+                v = (rng.integers(0, 4, n) if tied else rng.random(n)).astype(np.float32)
+                expected = np.argsort(-v, kind="stable")[: min(k, n)]
+                assert np.array_equal(top_indices(v, k), expected), (n, k, tied)
+    with_nan = rng.random(1000).astype(np.float32)
+    with_nan[[3, 500]] = np.nan
+    assert np.array_equal(top_indices(with_nan, 5), np.argsort(-with_nan, kind="stable")[:5])
