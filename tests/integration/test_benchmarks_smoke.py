@@ -24,9 +24,7 @@ _COMPRESSION = {
     for what in ("size", "latency", "agreement")
 }
 FIGURES = {
-    "serve_overhead.digits",
-    "serve_overhead.mid_cnn",
-    "serve_overhead.ppocr_det",
+    *(f"serve_overhead.{m}{s}" for m in ("digits", "mid_cnn", "ppocr_det") for s in ("", "_image")),
     *_COMPRESSION,
     "threads.k1",
     "threads.k2",
@@ -132,6 +130,10 @@ def test_figures_are_what_they_claim(quick_run):
         median_ratio = fig["subject"]["spread"]["median"] / fig["baseline"]["spread"]["median"]
         assert fig["value"]["low"] * 0.5 <= median_ratio <= fig["value"]["high"] * 2  # per-repeat pairs, same scale
         assert fig["config"]["intra_op_threads"] >= 1 and fig["config"]["items_per_run"] >= 1
+        assert fig["config"]["input"] == "tensor"
+        image = figs[f"{key}_image"]
+        assert image["goal"] is None and image["config"]["input"] == "image"
+        assert image["baseline"] == fig["baseline"]  # one bare loop, timed alongside both subjects
     for key in ("memory.idle_existing_logbook", "memory.idle_fresh_logbook"):
         fig = figs[key]
         assert fig["kind"] == "difference" and fig["unit"] == "MiB" and fig["goal"]["op"] == "<="
