@@ -59,6 +59,7 @@ __all__ = [
     "broker_fixture",
     "broker_session",
     "broker_session_fixture",
+    "module_broker_fixture",
     "mosquitto_binary",
     "require_mosquitto",
 ]
@@ -283,6 +284,13 @@ def broker_fixture() -> Iterator[Broker]:
 @pytest.fixture(name="broker_session", scope="session")
 def broker_session_fixture() -> Iterator[Broker]:
     """One running broker shared by the session; do not stop it, and use unique client ids and topics."""
+    with Broker() as b:
+        yield b
+
+
+@pytest.fixture(name="mqtt", scope="module")
+def module_broker_fixture() -> Iterator[Broker]:
+    """One running broker per test module (`mqtt`); tests in the module share it, so do not stop it."""
     with Broker() as b:
         yield b
 

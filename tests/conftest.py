@@ -81,6 +81,14 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def operator(tmp_path_factory):
+    """The fleet operator's ed25519 key pair (private path, public path): signs fleet commands."""
+    from runtime.signing import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("operator"), "operator")
+
+
+@pytest.fixture(scope="session")
 def bundle(digits_model, digits_dirs, keys, tmp_path_factory):
     """The digits CNN built for rpi4 (INT8 S8S8) by the toolchain."""
     from runtime.profile import load_profile

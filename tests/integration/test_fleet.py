@@ -21,23 +21,12 @@ import pytest
 
 from runtime.commands import read_overrides
 from runtime.signing import generate_keypair, load_public_key
-from tests.broker import Broker
+from tests.broker import Broker, module_broker_fixture  # noqa: F401  (registers the `mqtt` fixture)
 from tests.conftest import REPO, Cli, run_cli
 from tests.simdevice import SimFleet
 
 FLEET = "yard"
 N_DEVICES = 200
-
-
-@pytest.fixture(scope="module")
-def mqtt() -> Iterator[Broker]:
-    with Broker() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def operator(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return generate_keypair(tmp_path_factory.mktemp("operator"), "operator")
 
 
 @pytest.fixture(scope="module")

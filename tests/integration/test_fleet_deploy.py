@@ -14,7 +14,6 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.signing import generate_keypair, load_public_key
-from tests.broker import Broker
+from runtime.signing import load_public_key
+from tests.broker import Broker, module_broker_fixture  # noqa: F401  (registers the `mqtt` fixture)
 from tests.conftest import Cli, run_cli
 from tests.simdevice import SimFleet
 from toolchain.errors import UsageError
@@ -34,17 +33,6 @@ N_DEVICES = 50
 # Small gates keep 50 devices quick; the latency ratio is loose on purpose: 50 devices share 2 cores,
 # so p95 of a 0.1 ms model is noise here (the latency gate has its own tests in test_rollout_service).
 GATES = ["min_samples=20", "canary_share=0.5", "max_p95_ratio=1000", "max_duration_s=60"]
-
-
-@pytest.fixture(scope="module")
-def mqtt() -> Iterator[Broker]:
-    with Broker() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def operator(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return generate_keypair(tmp_path_factory.mktemp("operator"), "operator")
 
 
 def _build(weights: Path, profile: str, version: str, digits_dirs: Any, key: Path, out: Path) -> Path:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,11 @@ from hypothesis import strategies as st
 from runtime.link import Link, LinkConfig
 from runtime.logbook import OutboxRecord
 from runtime.sync import BatchError, encode_batch
-from tests.broker import Broker
+from tests.broker import Broker, module_broker_fixture  # noqa: F401  (registers the `mqtt` fixture)
 from tests.conftest import REPO
 from toolchain.ingest import Batch, Ingest, IngestStore, decode_batch
 
 FLEET = "plant"
-
-
-@pytest.fixture(scope="module")
-def mqtt() -> Iterator[Broker]:
-    with Broker() as b:
-        yield b
 
 
 def _inference(seq: int) -> OutboxRecord:
