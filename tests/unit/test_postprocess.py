@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from runtime.manifest import Postprocess
 from runtime.postprocess import classify, top_indices
@@ -35,3 +36,18 @@ def test_top_indices_matches_a_stable_full_sort_on_long_vectors() -> None:
     with_nan = rng.random(1000).astype(np.float32)
     with_nan[[3, 500]] = np.nan
     assert np.array_equal(top_indices(with_nan, 5), np.argsort(-with_nan, kind="stable")[:5])
+
+
+def test_classify_matches_a_full_softmax_and_stable_sort() -> None:
+    """The fast path (partition, probabilities of the winners only) ranks and scores as the textbook way."""
+    rng = np.random.default_rng(11)
+    for n, tied in ((10, False), (1000, False), (1000, True), (21843, False)):
+        logits = (rng.integers(-3, 3, n) if tied else rng.normal(0, 4, n)).astype(np.float32)
+        e = np.exp(logits - logits.max())
+        probs = e / e.sum()
+        order = np.argsort(-logits, kind="stable")[:5]
+        result = classify(logits[None], Postprocess(kind="classification", softmax=True, top_k=5))
+        assert [t["index"] for t in result["topk"]] == order.tolist()
+        assert [t["score"] for t in result["topk"]] == pytest.approx(probs[order].tolist(), rel=1e-5)
+        raw = classify(logits, Postprocess(kind="classification", softmax=False, top_k=5))
+        assert [t["score"] for t in raw["topk"]] == logits[order].tolist()
