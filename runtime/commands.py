@@ -32,11 +32,8 @@ dir): the newest accepted ids with their final acks, the newest accepted ``issue
 accepted commands are recorded, so nobody can burn an id without a trusted key. An unreadable file
 is moved aside and every command issued before that moment is refused ``stale``.
 
-Built-in handlers (:func:`builtin_handlers` wires them to the service's callables): ``ping``,
-``status``, ``config.set``, ``logs.request`` (chunks on ``edge/<fleet>/<device>/logs``) and
-``service.restart``. ``config.set`` persists into ``<state_dir>/config.override.json``: a JSON
-object shaped like config.toml holding only the keys set remotely (``{"health": {"interval_s": 5}}``),
-to be laid over the file with :func:`merge_overrides` when the config is loaded.
+The built-in handlers (``ping``, ``status``, ``config.set``, ``logs.request``, ``service.restart``)
+live in :mod:`runtime.command_handlers`.
 """
 
 from __future__ import annotations
@@ -53,7 +50,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,48 +61,36 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from runtime import topics
 from runtime.durable import write_atomic
 from runtime.errors import CommandError, CommandRefused, ConfigError
-from runtime.schema import from_dict, to_dict
 from runtime.signing import key_id
 
 if TYPE_CHECKING:
-    from runtime.config import ServiceConfig
+    pass
 
 __all__ = [
-    "LOCKED_KEYS",
     "LONG_RUNNING",
     "MAX_COMMAND_BYTES",
-    "OVERRIDE_FILE",
     "PLACEHOLDER_TYPES",
     "STATE_FILE",
+    "AckHandle",
     "Command",
     "CommandChannel",
+    "CommandLink",
     "Deferred",
     "Handler",
     "ReplayState",
-    "RestartHandler",
-    "builtin_handlers",
     "canonical",
-    "config_set_handler",
-    "logs_handler",
-    "logs_publisher",
     "make_command",
-    "merge_overrides",
     "parse_command",
-    "ping_handler",
-    "read_overrides",
     "sign_command",
-    "status_handler",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 64 * 1024
 STATE_FILE = "commands.json"
-OVERRIDE_FILE = "config.override.json"
 PLACEHOLDER_TYPES = ("model.deploy", "model.rollback")
 LONG_RUNNING = frozenset({"logs.request", *PLACEHOLDER_TYPES})
 # Changing these remotely would cut the device off from its fleet or its trust roots.
-LOCKED_KEYS = frozenset({"bundle", "trusted_keys", "device_id", "fleet", "state_dir", "cache_dir", "logbook.path"})
 _ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TYPE = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
@@ -140,14 +125,16 @@ class Deferred:
 Handler = Callable[[Command], "dict[str, Any] | Deferred"]
 
 
-class _Handle(Protocol):
+class AckHandle(Protocol):
     """What ``Link.publish`` returns: ``wait`` blocks until the PUBACK (True) or the timeout (False)."""
 
     def wait(self, timeout: float) -> bool: ...
 
 
-class _Link(Protocol):
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> _Handle: ...
+class CommandLink(Protocol):
+    """What the channel needs of :class:`runtime.link.Link`: publish and subscribe."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> AckHandle: ...
 
     def subscribe(self, topic_filter: str, handler: Callable[[Any], None], *, qos: int = 1) -> None: ...
 
@@ -502,7 +489,7 @@ class CommandChannel:
 
     def __init__(
         self,
-        link: _Link,
+        link: CommandLink,
         *,
         fleet: str,
         device: str,
@@ -693,7 +680,7 @@ class CommandChannel:
         return self._confirmed(self._publish(stored), wait_s)
 
     @staticmethod
-    def _confirmed(handle: _Handle | None, wait_s: float) -> bool:
+    def _confirmed(handle: AckHandle | None, wait_s: float) -> bool:
         if handle is None:
             return False
         return True if wait_s <= 0 else handle.wait(wait_s)
@@ -739,7 +726,7 @@ class CommandChannel:
         ack["ts"] = self._clock()
         return ack
 
-    def _publish(self, ack: Mapping[str, Any]) -> _Handle | None:
+    def _publish(self, ack: Mapping[str, Any]) -> AckHandle | None:
         payload = json.dumps(ack, default=str).encode()
         try:
             return self._link.publish(self._ack_topic, payload, qos=1)
@@ -756,251 +743,3 @@ def _peek_type(raw: bytes) -> str | None:
         return None
     ctype = doc.get("type") if isinstance(doc, dict) else None
     return ctype if isinstance(ctype, str) and _TYPE.fullmatch(ctype) else None
-
-
-# --- built-in handlers --------------------------------------------------------------------------
-
-
-def ping_handler(*, started_monotonic: float | None = None, clock: Callable[[], float] = time.time) -> Handler:
-    """``ping`` → ``{"pong": <device time>, "uptime_s": …}`` (uptime since ``started_monotonic``, default now)."""
-    start = time.monotonic() if started_monotonic is None else started_monotonic
-
-    def ping(cmd: Command) -> dict[str, Any]:
-        return {"pong": clock(), "uptime_s": round(time.monotonic() - start, 3)}
-
-    return ping
-
-
-def status_handler(status: Callable[[], Mapping[str, Any]]) -> Handler:
-    """``status`` → whatever ``status()`` reports (the service's status dict)."""
-
-    def status_cmd(cmd: Command) -> dict[str, Any]:
-        return dict(status())
-
-    return status_cmd
-
-
-class RestartHandler:
-    """``service.restart``: acks ``ok``, then (after the PUBACK) calls ``request_restart``.
-
-    ``request_restart`` should make the service exit non-zero so systemd starts it again. A repeated
-    delivery of the same command only re-sends the ack, so it cannot restart-loop the device.
-    """
-
-    def __init__(self, request_restart: Callable[[], None]) -> None:
-        self._request_restart = request_restart
-
-    def __call__(self, cmd: Command) -> dict[str, Any]:
-        """Accept the restart; it happens in :meth:`after_ack`."""
-        return {"restarting": True}
-
-    def after_ack(self, cmd: Command) -> None:
-        """Called by the channel once the ``ok`` ack is out."""
-        log.warning("restarting on command %s", cmd.id)
-        self._request_restart()
-
-
-def read_overrides(state_dir: str | Path) -> dict[str, Any]:
-    """The settings ``config.set`` persisted (``{}`` when none); a damaged file is a ConfigError naming it."""
-    path = Path(state_dir) / OVERRIDE_FILE
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from exc
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(f"not JSON ({exc}); delete it to drop the remote settings", path=path) from exc
-    if not isinstance(doc, dict):
-        raise ConfigError("expected a JSON object; delete it to drop the remote settings", path=path)
-    return doc
-
-
-def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it, section by section (neither argument is changed)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_overrides(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _config_key(args: Mapping[str, Any]) -> tuple[list[str], Any]:
-    extra = sorted(set(args) - {"key", "value"})
-    if extra:
-        raise CommandError(f"args.{extra[0][:40]}: unknown argument; config.set takes key and value")
-    key = args.get("key")
-    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})?", key):
-        raise CommandError("args.key: expected 'section.key' or a top-level 'key'")
-    key = key.replace("-", "_")
-    if key in LOCKED_KEYS:
-        raise CommandError(f"{key}: cannot be changed remotely; edit config.toml on the device")
-    if "value" not in args:
-        raise CommandError(f"args.value: missing (the new value of {key})")
-    return key.split("."), args["value"]
-
-
-def _with(doc: Mapping[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
-    out = dict(doc)
-    if len(parts) == 1:
-        out[parts[0]] = value
-    else:
-        out[parts[0]] = {**out.get(parts[0], {}), parts[1]: value}
-    return out
-
-
-def config_set_handler(
-    current: Callable[[], ServiceConfig],
-    state_dir: str | Path,
-    *,
-    apply: Callable[[ServiceConfig, str], bool] | None = None,
-) -> Handler:
-    """``config.set`` with args ``{"key": "section.key", "value": …}``: validate, persist, apply live if possible.
-
-    The new value is checked with the service's own schema on the current config (with earlier
-    remote settings) — a bad key or value is an ``error`` ack naming the key — then kept in
-    ``<state_dir>/config.override.json``. ``apply(new_config, key)`` returns True when the change took
-    effect without a restart. Keys in ``LOCKED_KEYS`` are refused.
-    """
-    from runtime.config import ServiceConfig
-
-    def config_set(cmd: Command) -> dict[str, Any]:
-        parts, value = _config_key(cmd.args)
-        key = ".".join(parts)
-        overrides = read_overrides(state_dir)
-        base = merge_overrides(to_dict(current()), overrides)
-        if len(parts) == 1 and isinstance(base.get(key), Mapping):
-            raise CommandError(f"{key}: is a section; set one of its keys ({key}.<name>)")
-        if len(parts) == 2 and not isinstance(base.get(parts[0]), Mapping):
-            raise CommandError(f"{key}: unknown key ({parts[0]} is not a section)")
-        try:
-            new = from_dict(ServiceConfig, _with(base, parts, value))
-        except ConfigError as exc:
-            raise CommandError(str(exc)) from exc
-        path = Path(state_dir) / OVERRIDE_FILE
-        try:
-            write_atomic(path, json.dumps(_with(overrides, parts, value), indent=2, sort_keys=True).encode())
-        except OSError as exc:
-            raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
-        live, problem = False, None
-        if apply is not None:
-            try:
-                live = bool(apply(new, key))
-            except Exception as exc:  # persisted already: report, and let a restart pick it up
-                log.exception("applying %s live failed", key)
-                problem = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
-        log.info("config.set %s (command %s): applied live=%s", key, cmd.id, live)
-        result = {"key": key, "value": value, "applied_live": live, "restart_needed": not live}
-        return result if problem is None else {**result, "apply_error": problem}
-
-    return config_set
-
-
-_LOG_TABLES = ("events", "inferences", "metrics")
-
-
-def _logs_args(args: Mapping[str, Any], max_rows: int) -> tuple[float, str, int]:
-    extra = sorted(set(args) - {"since", "table", "limit"})
-    if extra:
-        raise CommandError(f"args.{extra[0][:40]}: unknown argument; logs.request takes since, table, limit")
-    since, table, limit = args.get("since", 0.0), args.get("table", "events"), args.get("limit", 1000)
-    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
-        raise CommandError("args.since: expected a unix time in seconds")
-    if table not in _LOG_TABLES:
-        raise CommandError(f"args.table: expected one of {', '.join(_LOG_TABLES)}")
-    if type(limit) is not int or not 1 <= limit <= max_rows:
-        raise CommandError(f"args.limit: expected an integer 1..{max_rows}")
-    return float(since), table, limit
-
-
-def _chunks(rows: list[dict[str, Any]], chunk_bytes: int) -> list[list[dict[str, Any]]]:
-    chunks: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for row in rows:
-        n = len(json.dumps(row, default=str))
-        if chunks[-1] and size + n > chunk_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(row)
-        size += n + 1
-    return chunks
-
-
-def logs_handler(
-    export: Callable[..., Iterable[Mapping[str, Any]]],
-    publish: Callable[[bytes], _Handle],
-    *,
-    max_rows: int = 10_000,
-    chunk_bytes: int = 32 * 1024,
-    wait_s: float = 5.0,
-) -> Handler:
-    """``logs.request`` with args ``{"since": ts, "table": "events", "limit": N}``: publish that slice in chunks.
-
-    ``export(since=…, tables=(table,))`` is ``Logbook.export``; ``publish(payload)`` sends one chunk
-    (:func:`logs_publisher`). Each chunk is ``{"v": 1, "id": <command id>, "table", "chunk": i, "chunks": n,
-    "rows": […]}`` (at least one chunk, even when empty). The result counts rows and chunks and says
-    whether every chunk was PUBACKed within ``wait_s``.
-    """
-
-    def logs(cmd: Command) -> dict[str, Any]:
-        since, table, limit = _logs_args(cmd.args, max_rows)
-        rows: list[dict[str, Any]] = []
-        for row in export(since=since, tables=(table,)):
-            if len(rows) > limit:
-                break
-            rows.append({k: v for k, v in row.items() if k != "table"})
-        truncated = len(rows) > limit
-        chunks = _chunks(rows[:limit], chunk_bytes)
-        handles = []
-        for i, part in enumerate(chunks):
-            doc = {"v": 1, "id": cmd.id, "table": table, "chunk": i, "chunks": len(chunks), "rows": part}
-            handles.append(publish(json.dumps(doc, default=str).encode()))
-        deadline = time.monotonic() + wait_s
-        acked = all(h.wait(max(0.0, deadline - time.monotonic())) for h in handles)
-        n = min(len(rows), limit)
-        return {
-            "table": table,
-            "since": since,
-            "rows": n,
-            "chunks": len(chunks),
-            "truncated": truncated,
-            "acked": acked,
-        }
-
-    return logs
-
-
-def logs_publisher(link: _Link, fleet: str, device: str) -> Callable[[bytes], _Handle]:
-    """Publishes one ``logs.request`` chunk to ``edge/<fleet>/<device>/logs`` at QoS 1."""
-    topic = topics.logs_topic(fleet, device)
-
-    def publish(payload: bytes) -> _Handle:
-        return link.publish(topic, payload, qos=1)
-
-    return publish
-
-
-def builtin_handlers(
-    *,
-    status: Callable[[], Mapping[str, Any]],
-    current_config: Callable[[], ServiceConfig],
-    state_dir: str | Path,
-    export: Callable[..., Iterable[Mapping[str, Any]]],
-    publish_logs: Callable[[bytes], _Handle],
-    request_restart: Callable[[], None],
-    apply_config: Callable[[ServiceConfig, str], bool] | None = None,
-    started_monotonic: float | None = None,
-) -> dict[str, Handler]:
-    """ping, status, config.set, logs.request and service.restart, wired to the service's callables.
-
-    ``model.deploy`` / ``model.rollback`` are not here: the service plugs in :mod:`runtime.deploy`'s handlers.
-    """
-    return {
-        "ping": ping_handler(started_monotonic=started_monotonic),
-        "status": status_handler(status),
-        "config.set": config_set_handler(current_config, state_dir, apply=apply_config),
-        "logs.request": logs_handler(export, publish_logs),
-        "service.restart": RestartHandler(request_restart),
-    }

@@ -337,7 +337,7 @@ def _with_remote_settings(cfg: ServiceConfig, data: dict[str, Any], path: Path) 
     """Lay the settings `config.set` persisted in the state dir over the file's; a bad set is ignored, logged."""
     import logging
 
-    from runtime.commands import merge_overrides, read_overrides
+    from runtime.command_handlers import merge_overrides, read_overrides
 
     try:
         overrides = read_overrides(cfg.state_dir)

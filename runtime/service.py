@@ -393,7 +393,8 @@ class Service:
 
     def _start_mqtt(self) -> None:
         """Store-and-forward sync of the logbook and the signed command channel over one MQTT link."""
-        from runtime.commands import CommandChannel, builtin_handlers, logs_publisher
+        from runtime.command_handlers import builtin_handlers, logs_publisher
+        from runtime.commands import CommandChannel
         from runtime.link import Link, LinkConfig
         from runtime.signing import load_public_key
         from runtime.sync import Sync, with_will

@@ -39,7 +39,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from runtime import topics
-from runtime.commands import CommandChannel, config_set_handler, ping_handler, status_handler
+from runtime.command_handlers import config_set_handler, ping_handler, status_handler
+from runtime.commands import CommandChannel
 from runtime.config import RolloutSection, ServiceConfig
 from runtime.link import Link, LinkConfig
 from runtime.shadow import ModelSlot, SharedModel, Trial

@@ -20,15 +20,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from runtime.command_handlers import logs_handler, logs_publisher, ping_handler
 from runtime.commands import (
     Command,
     CommandChannel,
     ReplayState,
-    logs_handler,
-    logs_publisher,
     make_command,
     parse_command,
-    ping_handler,
     sign_command,
 )
 from runtime.errors import CommandRefused

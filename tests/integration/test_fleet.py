@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from runtime.commands import read_overrides
+from runtime.command_handlers import read_overrides
 from runtime.signing import generate_keypair, load_public_key
 from tests.broker import Broker, module_broker_fixture  # noqa: F401  (registers the `mqtt` fixture)
 from tests.conftest import REPO, Cli, run_cli

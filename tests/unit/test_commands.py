@@ -19,23 +19,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.commands import (
+from runtime.command_handlers import (
     OVERRIDE_FILE,
+    RestartHandler,
+    config_set_handler,
+    logs_handler,
+    merge_overrides,
+    ping_handler,
+    read_overrides,
+    status_handler,
+)
+from runtime.commands import (
     STATE_FILE,
     Command,
     CommandChannel,
     ReplayState,
-    RestartHandler,
     canonical,
-    config_set_handler,
-    logs_handler,
     make_command,
-    merge_overrides,
     parse_command,
-    ping_handler,
-    read_overrides,
     sign_command,
-    status_handler,
 )
 from runtime.config import ServiceConfig
 from runtime.errors import CommandError, CommandRefused, ConfigError
