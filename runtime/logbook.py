@@ -11,7 +11,9 @@ WAL with ``synchronous=NORMAL`` by default: a commit survives the process dying 
 while a power cut may lose the last commits (the file stays consistent); ``synchronous="full"``
 fsyncs every commit, so commits also survive power loss, at one fsync per commit. A failed commit
 is logged and retried with its records kept queued; ``close()`` tries once more and raises if
-records could not be written.
+records could not be written. A row the database refuses (a constraint broken by something else
+writing the file) is never retried: the rest of its batch is committed and the row is named in a
+``logbook.rejected`` event and counted in ``stats()["rejected"]``.
 
 Sync state is a ``synced`` flag per row (see :mod:`runtime.logbook_schema`); ``pending()`` and
 ``mark_synced()`` are the MQTT sync's outbox. With ``outbox=False`` rows are stored as synced.
@@ -293,6 +295,7 @@ class Logbook:
         self._failure: BaseException | None = None
         self._last_error: str | None = None
         self._lost = 0
+        self._rejected = 0  # rows the database refused (constraint violations), set aside
         self._max_queued = max(4 * config.batch_size, 1000)
         self._synced = 0 if config.outbox else 1
         self._last_commit: float | None = None
@@ -486,6 +489,7 @@ class Logbook:
         stats = self._reader.stats()
         with self._lock:
             stats["queued"] = len(self._items)
+            stats["rejected"] = self._rejected
             stats["last_error"] = self._last_error
             if self._last_commit is not None:
                 stats["last_commit"] = self._last_commit
@@ -543,7 +547,10 @@ class Logbook:
         delay = 0.05
         for attempt in itertools.count(1):
             try:
-                self._write(items)
+                try:
+                    self._write(items)
+                except sqlite3.IntegrityError as exc:  # retrying cannot help: store the rest, set those aside
+                    self._salvage(items, exc)
                 break
             except sqlite3.DatabaseError as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
@@ -581,10 +588,63 @@ class Logbook:
             for table, table_rows in rows.items():
                 conn.executemany(INSERT[table], table_rows)
                 self._stored_next = max(self._stored_next, table_rows[-1][0] + 1)
-            for where, seqs in marks.items():
-                for table in (where,) if where else TABLES:
-                    conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", seqs)
+            self._apply_marks(conn, marks)
             self._write_meta(conn)
+
+    @staticmethod
+    def _apply_marks(conn: sqlite3.Connection, marks: Mapping[str, list[tuple[int]]]) -> None:
+        """Set ``synced`` on the queued seqs, per table ("" when the table is not known: every table)."""
+        for where, seqs in marks.items():
+            for table in (where,) if where else TABLES:
+                conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", seqs)
+
+    def _salvage(self, items: list[_Item], error: sqlite3.IntegrityError) -> None:
+        """Commit ``items`` row by row, leaving out rows the database refuses; record a ``logbook.rejected`` event.
+
+        A row breaks a constraint only when something else wrote the file (another program, a restored
+        backup): retrying the batch would stall the log for good, so those rows are set aside, named
+        in the event and counted in ``stats()["rejected"]``.
+        """
+        rejected: list[tuple[str, int]] = []
+        with self._transaction() as conn:
+            for table, row in items:
+                if not table:
+                    self._apply_marks(conn, {row[0]: [(s,) for s in row[1:]]})
+                    continue
+                conn.execute("SAVEPOINT row")
+                try:
+                    conn.execute(INSERT[table], row)
+                except sqlite3.IntegrityError:
+                    conn.execute("ROLLBACK TO row")
+                    rejected.append((table, int(row[0])))
+                else:
+                    self._stored_next = max(self._stored_next, int(row[0]) + 1)
+                conn.execute("RELEASE row")
+            if rejected:
+                self._record_rejection(conn, rejected, error)
+            self._write_meta(conn)
+        self._rejected += len(rejected)
+        logger.error(
+            "%s: %d records refused by the database (%s) were set aside: %s",
+            self.path,
+            len(rejected),
+            error,
+            ", ".join(f"{t} seq {s}" for t, s in rejected[:10]),
+        )
+
+    def _record_rejection(self, conn: sqlite3.Connection, rejected: list[tuple[str, int]], error: Exception) -> None:
+        """Insert the ``logbook.rejected`` event (in the salvage's transaction)."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        message = (
+            f"{len(rejected)} records were refused by the database ({error}); another program may be writing this file"
+        )
+        data = {"rows": len(rejected), "refused": [{"table": t, "seq": s} for t, s in rejected[:100]]}
+        conn.execute(
+            INSERT["events"], (seq, time.time(), "logbook.rejected", "error", message, encode_json(data, "data"), 0)
+        )
+        self._stored_next = max(self._stored_next, seq + 1)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

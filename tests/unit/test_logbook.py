@@ -656,3 +656,32 @@ def test_seq_stays_unique_when_writers_wait_for_a_full_queue(tmp_path: Path) -> 
     lb.close()
     assert len(seqs) == len(set(seqs)) == 8 * 1500
     assert open_readonly(cfg.path).stats()["rows"]["metrics"] == 8 * 1500
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_stored(tmp_path: Path) -> None:
+    """A constraint violation (another program wrote the seq we hand out next) must not stall the log."""
+    with _open(tmp_path) as lb:
+        first = _infer(lb, 0)
+        lb.flush()
+        intruder = sqlite3.connect(tmp_path / "log.db")
+        with intruder:
+            intruder.execute(
+                "INSERT INTO inferences (seq, ts, model, model_version, input_ref, input_digest, latency_ms, result,"
+                " synced) VALUES (?, 0, 'other', '1', 'intruder', NULL, 1.0, '{}', 0)",
+                (first + 1,),
+            )
+        intruder.close()
+        clash, after = _infer(lb, 1), _infer(lb, 2)
+        assert clash == first + 1
+        lb.flush(timeout=10)  # committed: the batch is not retried forever
+        stats = lb.stats()
+        assert stats["rejected"] == 1 and stats["queued"] == 0
+        assert _seqs(tmp_path / "log.db", "inferences") == [first, clash, after]
+        refs = {r["seq"]: r["input_ref"] for r in lb.tail(5)}
+        assert refs[clash] == "intruder" and refs[after] == "img2.png"
+        (event,) = [e for e in lb.tail(5, table="events") if e["kind"] == "logbook.rejected"]
+        assert event["data"]["refused"] == [{"table": "inferences", "seq": clash}]
+        assert event["seq"] > after  # the event got a seq of its own
+        later = _infer(lb, 3)
+        lb.flush(timeout=10)
+        assert _seqs(tmp_path / "log.db", "inferences")[-1] == later  # the log goes on
