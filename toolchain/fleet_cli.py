@@ -370,6 +370,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from toolchain.fleet import Fleet, operator_client_id
     from toolchain.fleet_deploy import (
         Rollout,
+        add_deltas,
         check_gates,
         load_offers,
         parse_limit,
@@ -387,6 +388,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.wave < 0:
         raise UsageError("expected a number of devices >= 0", flag="--wave")
     offers = load_offers([Path(b) for b in args.bundle], via=args.via, base_url=args.base_url)
+    if args.delta_from:
+        offers = add_deltas(offers, [Path(o) for o in args.delta_from], via=args.via, base_url=args.base_url)
     key = _signing_key(args.key)
     cfg = link_config(args, operator_client_id())
     console = Console(stderr=True)
@@ -425,7 +428,8 @@ def _offered(args: argparse.Namespace, fleet: str, offers: Mapping[str, Any], *,
     try:
         if not link.wait_connected(args.connect_timeout):
             raise ToolchainError(f"cannot connect to the MQTT broker at {args.broker} to publish the bundles")
-        blobs = [publish_blob(link, fleet, o.path) for o in offers.values()]
+        files = [o.path for o in offers.values()] + [o.delta.path for o in offers.values() if o.delta is not None]
+        blobs = [publish_blob(link, fleet, path) for path in files]
         yield
         if keep:
             print("the bundles stay on the broker as retained blobs (devices may still be fetching)", file=sys.stderr)
@@ -667,6 +671,14 @@ def _add_deploy_parser(sub: Any) -> None:
     )
     d.add_argument(
         "--max-failures", default="0", metavar="N|P%", help="failed devices tolerated before stopping (default 0)"
+    )
+    d.add_argument(
+        "--delta-from",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the bundle devices run now (repeat per profile): devices on it get a delta "
+        "(<bundle>.from-<version>.delta, written beside the bundle) and fall back to the full bundle",
     )
     d.add_argument("--via", choices=VIAS, default="file", help="how devices fetch the bundle (default file://)")
     d.add_argument("--base-url", metavar="URL", help="with --via http: where the bundle files are served")

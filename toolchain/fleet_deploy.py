@@ -13,17 +13,23 @@ device's verdict: ``active`` succeeded; ``rolled_back`` (a gate failed), ``refus
 ``timeout`` (no final ack) are failures. When the failures pass ``max_failures`` the rollout stops,
 the devices it made active are sent ``model.rollback`` to the version they ran before, and the
 devices of later phases are never sent anything.
+
+:func:`add_deltas` pairs each bundle with the one it replaces (``--delta-from``, same model and
+profile) and writes a delta beside the new bundle (``<new>.from-<old version>.delta``); a device
+whose status says it runs that old version gets the delta in its command too, applies it to the
+bundle it holds and falls back to the full bundle if anything is off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,6 +44,7 @@ __all__ = [
     "STRATEGIES",
     "VIAS",
     "Assignment",
+    "DeltaOffer",
     "DeviceResult",
     "Limit",
     "Offer",
@@ -46,6 +53,7 @@ __all__ = [
     "Rollout",
     "RolloutReport",
     "Skip",
+    "add_deltas",
     "check_gates",
     "load_offers",
     "outcome_of",
@@ -140,8 +148,23 @@ def check_gates(gates: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, flo
 
 
 @dataclass(frozen=True)
+class DeltaOffer:
+    """A delta that turns the bundle a device holds (``base``) into the offered one."""
+
+    path: Path
+    sha256: str
+    size: int
+    url: str
+    base: dict[str, str]  # name, version, sha256 of the bundle it applies to
+
+    def wire(self) -> dict[str, Any]:
+        """The ``delta`` object of ``model.deploy``."""
+        return {"url": self.url, "sha256": self.sha256, "size": self.size, "from": dict(self.base)}
+
+
+@dataclass(frozen=True)
 class Offer:
-    """One bundle as offered to the devices of its profile."""
+    """One bundle as offered to the devices of its profile (with a delta for those on ``delta.base``)."""
 
     path: Path
     name: str
@@ -150,6 +173,7 @@ class Offer:
     sha256: str
     size: int
     url: str
+    delta: DeltaOffer | None = None
 
     def wire(self) -> dict[str, Any]:
         """The ``bundle`` object of ``model.deploy``."""
@@ -162,6 +186,11 @@ class Offer:
             "profile": self.profile,
         }
 
+    def delta_for(self, model: str | None, version: str | None) -> DeltaOffer | None:
+        """The delta when a device running ``model`` ``version`` can apply it, else None."""
+        base = self.delta.base if self.delta is not None else None
+        return self.delta if base is not None and (model, version) == (base["name"], base["version"]) else None
+
 
 def _url(path: Path, sha256: str, via: Via, base_url: str | None) -> str:
     if via == "file":
@@ -173,20 +202,18 @@ def _url(path: Path, sha256: str, via: Via, base_url: str | None) -> str:
     return base_url.rstrip("/") + "/" + urllib.parse.quote(path.name)
 
 
-def _offer(path: Path, via: Via, base_url: str | None) -> Offer:
+def _offer(path: Path, via: Via, base_url: str | None, *, flag: str = "--bundle") -> Offer:
     from runtime.errors import EdgeError
     from toolchain.bundle import inspect_bundle
 
     if path.is_dir():
-        raise UsageError(
-            f"{path} is a directory; deploy sends a bundle .tar (toolchain build writes one)", flag="--bundle"
-        )
+        raise UsageError(f"{path} is a directory; deploy sends a bundle .tar (toolchain build writes one)", flag=flag)
     if not path.is_file():
-        raise UsageError(f"{path}: not found", flag="--bundle")
+        raise UsageError(f"{path}: not found", flag=flag)
     try:
         info = inspect_bundle(path)
     except EdgeError as exc:
-        raise UsageError(f"{path}: not a readable bundle ({exc})", flag="--bundle") from exc
+        raise UsageError(f"{path}: not a readable bundle ({exc})", flag=flag) from exc
     manifest = info["manifest"]
     return Offer(
         path=path,
@@ -216,6 +243,48 @@ def load_offers(paths: Sequence[Path], *, via: Via = "file", base_url: str | Non
             f"the bundles are of different models ({', '.join(names)}); deploy one model at a time", flag="--bundle"
         )
     return offers
+
+
+def add_deltas(
+    offers: Mapping[str, Offer], olds: Sequence[Path], *, via: Via = "file", base_url: str | None = None
+) -> dict[str, Offer]:
+    """``offers`` with a delta from each of ``olds`` (the bundles devices run now) to its profile's new bundle.
+
+    The delta is written beside the new bundle as ``<new>.from-<old version>.delta`` (served and
+    published the way the bundle is). UsageError (``--delta-from``) for an old bundle no offer matches
+    by model and profile, or of the offered version; a delta not smaller than its bundle is dropped.
+    """
+    from toolchain.delta import diff_bundles
+
+    out = dict(offers)
+    seen: set[str] = set()
+    for raw in olds:
+        old = _offer(Path(raw), via, base_url, flag="--delta-from")
+        new = out.get(old.profile)
+        if new is None or new.name != old.name:
+            raise UsageError(
+                f"{old.path} is {old.name} for {old.profile}; no --bundle of that model for that profile",
+                flag="--delta-from",
+            )
+        if old.profile in seen:
+            raise UsageError(f"two old bundles for {old.profile}; give one", flag="--delta-from")
+        seen.add(old.profile)
+        if old.version == new.version:
+            raise UsageError(f"{old.path} is the offered version {new.version} itself", flag="--delta-from")
+        info = diff_bundles(old.path, new.path, new.path.with_name(f"{new.path.stem}.from-{old.version}.delta"))
+        if info.delta_size >= new.size:
+            log.warning("the delta from %s is not smaller than %s; devices get the full bundle", old.path, new.path)
+            continue
+        sha = hashlib.sha256(info.path.read_bytes()).hexdigest()
+        delta = DeltaOffer(
+            path=info.path,
+            sha256=sha,
+            size=info.delta_size,
+            url=_url(info.path, sha, via, base_url),
+            base={"name": old.name, "version": old.version, "sha256": old.sha256},
+        )
+        out[old.profile] = replace(new, delta=delta)
+    return out
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -425,7 +494,14 @@ class RolloutReport:
             "stop_reason": self.stop_reason,
             "waited": self.waited,
             "elapsed_s": round(self.elapsed_s, 3),
-            "bundles": [{"path": str(o.path), **o.wire()} for o in self.offers.values()],
+            "bundles": [
+                {
+                    "path": str(o.path),
+                    **o.wire(),
+                    "delta": {"path": str(o.delta.path), **o.delta.wire()} if o.delta is not None else None,
+                }
+                for o in self.offers.values()
+            ],
             "phases": [{"name": name, "devices": [a.device for a in phase]} for name, phase in self.plan.phases],
             "skipped": [
                 {"device": s.device, "profile": s.profile, "version": s.version, "reason": s.reason}
@@ -473,6 +549,9 @@ class Rollout:
     def args_for(self, a: Assignment) -> dict[str, Any]:
         """The ``model.deploy`` arguments for one device."""
         args: dict[str, Any] = {"bundle": a.offer.wire(), "strategy": self.strategy, **self.shares}
+        delta = a.offer.delta_for(a.model, a.version)
+        if delta is not None:
+            args["delta"] = delta.wire()
         if self.gates:
             args["gates"] = dict(self.gates)
         return args

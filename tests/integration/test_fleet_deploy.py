@@ -27,7 +27,16 @@ from tests.conftest import Cli, run_cli
 from tests.simdevice import SimFleet
 from toolchain.errors import UsageError
 from toolchain.fleet import Ack, DeviceStatus
-from toolchain.fleet_deploy import Limit, Offer, outcome_of, parse_limit, parse_share, plan_rollout
+from toolchain.fleet_deploy import (
+    Limit,
+    Offer,
+    add_deltas,
+    load_offers,
+    outcome_of,
+    parse_limit,
+    parse_share,
+    plan_rollout,
+)
 
 N_DEVICES = 50
 # Small gates keep 50 devices quick; the latency ratio is loose on purpose: 50 devices share 2 cores,
@@ -243,6 +252,52 @@ def test_bundles_travel_over_http_and_mqtt(
         sims.stop()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("via", ["file", "mqtt"])
+def test_devices_on_the_old_version_take_a_delta(
+    via: str, mqtt: Broker, operator: tuple[Path, Path], keys: Any, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """--delta-from: devices running 1.0.0 rebuild 1.1.0 from the bundle they hold (and verify it as any other)."""
+    sims = _fleet(mqtt, operator, keys, bundles, tmp_path, f"delta-{via}", count=4)
+    try:
+        new, old = (bundles["rpi4-1.1.0"], bundles["rpi5-1.1.0"]), (bundles["rpi4-1.0.0"], bundles["rpi5-1.0.0"])
+        extra = [a for b in old for a in ("--delta-from", str(b))]
+        res = _deploy(mqtt, operator, f"delta-{via}", *new, extra=(*extra, "--via", via, "--json"))
+        doc = _doc(res)
+        assert res.code == 0, (doc["summary"], doc["devices"], res.err[-2000:])
+        for offered in doc["bundles"]:
+            delta = offered["delta"]
+            assert delta["from"]["version"] == "1.0.0" and delta["url"].startswith(f"{via}://")
+            assert delta["size"] < offered["size"] / 4  # same weights: the delta is a fraction of the bundle
+            assert Path(delta["path"]).name == f"{Path(offered['path']).stem}.from-1.0.0.delta"
+        assert _serving(sims) == {d: (dev.profile, "1.1.0") for d, dev in sims.devices.items()}
+        for dev in sims.devices.values():
+            assert dev.models is not None
+            stored = dev.models.store.get("digits", "1.1.0")
+            assert stored.source == _delta_url(doc, dev.profile)  # rebuilt from the delta, not fetched whole
+            kinds = [kind for _, kind, _, _ in dev.models.events]
+            assert "rollout.delta_failed" not in kinds
+    finally:
+        sims.stop()
+
+
+def _delta_url(doc: dict[str, Any], profile: str) -> str:
+    (offered,) = [b for b in doc["bundles"] if b["profile"] == profile]
+    return str(offered["delta"]["url"])
+
+
+def test_add_deltas_refuses_an_old_bundle_no_offer_matches(bundles: dict[str, Path]) -> None:
+    offers = load_offers([bundles["rpi4-1.1.0"]])
+    with pytest.raises(UsageError, match="no --bundle of that model for that profile") as err:
+        add_deltas(offers, [bundles["rpi5-1.0.0"]])
+    assert err.value.flag == "--delta-from"
+    with pytest.raises(UsageError, match="offered version"):
+        add_deltas(offers, [bundles["rpi4-1.1.0"]])
+    offer = add_deltas(offers, [bundles["rpi4-1.0.0"]])["rpi4"]
+    assert offer.delta is not None
+    assert offer.delta_for("digits", "1.0.0") is offer.delta
+    assert offer.delta_for("digits", "0.9.0") is None and offer.delta_for("other", "1.0.0") is None
 
 
 # --- usage, without devices -----------------------------------------------------------------------
