@@ -272,6 +272,7 @@ class Sync:
                 self._wake = False
                 if self._closing:
                     return
+            self._due = 0.0  # a held-back batch is due once; _fill sets it again if it holds one back again
             try:
                 self._settle()
                 if self.link.connected and time.monotonic() >= self._retry_at:

@@ -233,6 +233,31 @@ def test_five_broker_restarts_during_a_50k_sync_lose_nothing(
     assert sorted(seq for _, seq in got) == list(range(1, n + 1))
 
 
+def _thread_cpu_s(thread: threading.Thread) -> float:
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_partial_batch_held_back_during_an_outage_does_not_spin(
+    broker: Broker, tmp_path: Path, started: list[Any]
+) -> None:
+    """Linger holds a partial batch back; if the link drops meanwhile, the sync thread must sleep, not spin."""
+    logbook = _logbook(tmp_path)
+    link = _link(broker)
+    sync = _start_sync(started, link, logbook, batch_size=500, linger_s=0.3)
+    _write(logbook, 5)  # a partial batch: published at once, starts the linger
+    _wait(lambda: sync.stats()["records_acked"] == 5, 30, "the first partial batch")
+    _write(logbook, 5)  # held back by the linger...
+    broker.stop()  # ...and the link goes down before it is due
+    _wait(lambda: not link.connected, 10, "the link to notice the outage")
+    assert sync._thread is not None
+    before = _thread_cpu_s(sync._thread)
+    time.sleep(1.5)
+    assert _thread_cpu_s(sync._thread) - before < 0.3  # a wait(0) loop would burn the whole 1.5 s
+    broker.start()
+    _wait(lambda: sync.stats()["records_acked"] == 10, 30, "the held-back batch after the outage")
+
+
 def test_broker_sigkill_loses_at_most_what_it_had_just_acknowledged(
     broker: Broker, tmp_path: Path, started: list[Any]
 ) -> None:
