@@ -271,7 +271,13 @@ def add_deltas(
         seen.add(old.profile)
         if old.version == new.version:
             raise UsageError(f"{old.path} is the offered version {new.version} itself", flag="--delta-from")
-        info = diff_bundles(old.path, new.path, new.path.with_name(f"{new.path.stem}.from-{old.version}.delta"))
+        out_path = new.path.with_name(f"{new.path.stem}.from-{old.version}.delta")
+        try:
+            info = diff_bundles(old.path, new.path, out_path)
+        except OSError as exc:
+            raise ToolchainError(
+                f"cannot write the delta {out_path}: {exc.strerror}; it goes beside the bundle"
+            ) from exc
         if info.delta_size >= new.size:
             log.warning("the delta from %s is not smaller than %s; devices get the full bundle", old.path, new.path)
             continue

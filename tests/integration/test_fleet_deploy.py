@@ -295,6 +295,7 @@ def test_add_deltas_refuses_an_old_bundle_no_offer_matches(bundles: dict[str, Pa
     with pytest.raises(UsageError, match="offered version"):
         add_deltas(offers, [bundles["rpi4-1.1.0"]])
     offer = add_deltas(offers, [bundles["rpi4-1.0.0"]])["rpi4"]
+    assert offer.delta is not None and offer.delta.path.parent == bundles["rpi4-1.1.0"].parent
     assert offer.delta is not None
     assert offer.delta_for("digits", "1.0.0") is offer.delta
     assert offer.delta_for("digits", "0.9.0") is None and offer.delta_for("other", "1.0.0") is None
