@@ -90,8 +90,9 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 DEVICE_VENV = "/opt/edge-runtime"
 TEST_VENV = "/opt/edge-tests"
 EXTRAS = "device,tflite"
-# Test-only packages for the in-root pytest run, pinned to the host's versions when it has them.
-TEST_PACKAGES = ("pytest", "pytest-timeout", "hypothesis", "onnx", "flatbuffers")
+# Test-only packages for the in-root pytest run, pinned to the host's versions when it has them
+# (tflite-runtime: the LiteRT engine is tested with both interpreter packages on arm64 too).
+TEST_PACKAGES = ("pytest", "pytest-timeout", "hypothesis", "onnx", "flatbuffers", "tflite-runtime")
 INSTALL_SCRIPT = Path(__file__).with_name("install_device.sh")
 BINFMT_NAME = "edgefleet-aarch64"
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
