@@ -53,7 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -62,9 +62,6 @@ from runtime import topics
 from runtime.durable import write_atomic
 from runtime.errors import CommandError, CommandRefused, ConfigError
 from runtime.signing import key_id
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "LONG_RUNNING",

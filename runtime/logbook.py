@@ -634,16 +634,18 @@ class Logbook:
 
     def _record_rejection(self, conn: sqlite3.Connection, rejected: list[tuple[str, int]], error: Exception) -> None:
         """Insert the ``logbook.rejected`` event (in the salvage's transaction)."""
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
         message = (
             f"{len(rejected)} records were refused by the database ({error}); another program may be writing this file"
         )
         data = {"rows": len(rejected), "refused": [{"table": t, "seq": s} for t, s in rejected[:100]]}
-        conn.execute(
-            INSERT["events"], (seq, time.time(), "logbook.rejected", "error", message, encode_json(data, "data"), 0)
-        )
+        self._insert_event(conn, "logbook.rejected", "error", message, data)
+
+    def _insert_event(self, conn: sqlite3.Connection, kind: str, level: str, message: str, data: Any) -> None:
+        """The writer's own event, inside its current transaction, with the next seq."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        conn.execute(INSERT["events"], (seq, time.time(), kind, level, message, encode_json(data, "data"), 0))
         self._stored_next = max(self._stored_next, seq + 1)
 
     @contextlib.contextmanager
@@ -754,13 +756,7 @@ class Logbook:
             "last_seq": last,
             "hard_cap_mb": self.config.hard_cap_mb,
         }
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-        conn.execute(
-            INSERT["events"], (seq, time.time(), "logbook.dropped", "warning", message, encode_json(data, "data"), 0)
-        )
-        self._stored_next = max(self._stored_next, seq + 1)
+        self._insert_event(conn, "logbook.dropped", "warning", message, data)
         conn.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             [("dropped_rows", str(self._dropped + total)), ("next_seq", str(self._stored_next))],

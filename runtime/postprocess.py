@@ -9,17 +9,9 @@ import numpy as np
 
 from runtime.manifest import Postprocess
 
-__all__ = ["classify", "softmax", "summarize", "top_indices"]
+__all__ = ["classify", "summarize", "top_indices"]
 
 _SORT_ALL_BELOW = 64  # shorter vectors are sorted whole: partitioning does not pay off
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float32)."""
-    x = logits.astype(np.float32, copy=False)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
-    return out
 
 
 def classify(output: np.ndarray, spec: Postprocess) -> dict[str, Any]:

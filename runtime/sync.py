@@ -317,7 +317,6 @@ class Sync:
         records = [r for r in self.logbook.pending(free * self.batch_size + len(busy)) if r.seq not in busy]
         chunks = _chunks(records, self.batch_size)[:free]
         now = time.monotonic()
-        self._due = 0.0
         if self._inflight or now < self._partial_at:
             full = [c for c in chunks if len(c[1]) >= self.batch_size]
             if len(full) < len(chunks) and not self._inflight:
